@@ -1,0 +1,409 @@
+"""Checkpoint I/O: where a model lives, lazy reads by tensor name, and an atomic, streaming sharded writer.
+
+A model is a local directory, a Hugging Face hub id, or any fsspec URL (s3://...). Weights are safetensors
+(sharded with `model.safetensors.index.json`, or one `model.safetensors`); pickle checkpoints are refused unless
+asked for. Nothing here holds a whole model in memory: readers return one tensor at a time, and the writer
+streams each tensor into its shard file behind a header written first (the plan knows every shape in advance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from darwin.errors import DarwinError
+from darwin.kinds import Family, family_for_config
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAME = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REMOTE_CACHE = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwin")) / "remote"
+
+# safetensors dtype codes <-> torch dtypes (the writer emits headers itself).
+ST_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a model lives
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A local directory holding the checkpoint: as given, downloaded from an fsspec URL into darwin's cache,
+    or resolved through huggingface_hub's cache (offline mode and missing repos are one clear error)."""
+    text = str(model)
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    if "://" in text:
+        return _fetch_remote(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DarwinError(f"model path is not a directory: {path}")
+        return path
+    if HUB_ID.match(text) and not text.startswith((".", "/")):
+        return _fetch_hub(text)
+    raise DarwinError(f"model path does not exist: {path}")
+
+
+def _fetch_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                               "*.jinja", "tokenizer*"]))
+    except Exception as exc:  # offline mode, missing repo, no network: all the same to the user
+        raise DarwinError(f"model {repo_id!r} is not a local directory and could not be fetched from the "
+                          f"Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def _fetch_remote(url: str) -> Path:
+    """Copy an fsspec checkpoint into the local cache once (safetensors needs a local file to map lazily)."""
+    import fsspec
+
+    local = REMOTE_CACHE / hashlib.sha256(url.encode()).hexdigest()[:24]
+    if (local / ".complete").exists():
+        return local
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.isdir(root):
+            raise DarwinError(f"model URL is not a directory: {url}")
+        tmp = local.with_name(local.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    except DarwinError:
+        raise
+    except Exception as exc:
+        raise DarwinError(f"cannot fetch model {url}: {type(exc).__name__}: {exc}") from None
+    (tmp / ".complete").write_text(url)
+    if local.exists():
+        shutil.rmtree(local)
+    tmp.rename(local)
+    return local
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+class Checkpoint:
+    """A checkpoint's tensor index, read from the shard headers only; tensors are read one at a time by name."""
+
+    def __init__(self, model: str | os.PathLike, allow_pickle: bool = False):
+        self.path = resolve(model)
+        self.config = self._read_config()
+        self.family: Family = family_for_config(self.config)
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._pickled = False
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self._shard_files(allow_pickle):
+            for info in self._read_header(shard):
+                self.tensors[info.name] = info
+        if not self.tensors:
+            raise DarwinError(f"checkpoint has no tensors: {self.path}")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.shards)} shards)"
+
+    def _read_config(self) -> dict:
+        path = self.path / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DarwinError(f"corrupt config.json in {self.path}: {exc}") from None
+
+    def _shard_files(self, allow_pickle: bool) -> list[str]:
+        if (self.path / INDEX_NAME).exists():
+            return self._indexed_shards(INDEX_NAME)
+        if (self.path / SINGLE_NAME).exists():
+            return [SINGLE_NAME]
+        if (self.path / PICKLE_INDEX_NAME).exists() or (self.path / PICKLE_SINGLE_NAME).exists():
+            if not allow_pickle:
+                raise DarwinError(f"{self.path} holds a pickle (.bin) checkpoint, which can run code when loaded; "
+                                  "convert it to safetensors or pass --allow-pickle")
+            self._pickled = True
+            if (self.path / PICKLE_INDEX_NAME).exists():
+                return self._indexed_shards(PICKLE_INDEX_NAME)
+            return [PICKLE_SINGLE_NAME]
+        raise DarwinError(f"no safetensors weights in {self.path} (expected {INDEX_NAME} or {SINGLE_NAME})")
+
+    def _indexed_shards(self, index_name: str) -> list[str]:
+        try:
+            weight_map = json.loads((self.path / index_name).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise DarwinError(f"corrupt index {self.path / index_name}: {exc!r}") from None
+        shards = list(dict.fromkeys(weight_map.values()))
+        for shard in shards:
+            if not (self.path / shard).exists():
+                raise DarwinError(f"index {self.path / index_name} names a missing file: {shard}")
+        return shards
+
+    def _read_header(self, shard: str) -> Iterator[TensorInfo]:
+        if self._pickled:
+            state = torch.load(self.path / shard, map_location="cpu", weights_only=True, mmap=True)
+            self._handles[shard] = state
+            for name, tensor in state.items():
+                yield TensorInfo(name, shard, tensor.dtype, tuple(tensor.shape))
+            return
+        handle = self._open(shard)
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            yield TensorInfo(name, shard, ST_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
+
+    def _open(self, shard: str):
+        with self._lock:
+            if shard not in self._handles:
+                try:
+                    self._handles[shard] = safe_open(self.path / shard, framework="pt")
+                except (SafetensorError, OSError) as exc:
+                    raise DarwinError(f"corrupt or truncated shard {self.path / shard}: {exc}") from None
+            return self._handles[shard]
+
+    @property
+    def shards(self) -> list[str]:
+        return list(dict.fromkeys(info.shard for info in self.tensors.values()))
+
+    def names(self, shard: str | None = None) -> list[str]:
+        return [n for n, info in self.tensors.items() if shard is None or info.shard == shard]
+
+    def kind(self, name: str) -> tuple[str, int | None]:
+        return self.family.classify(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise DarwinError(f"tensor {name!r} is not in {self.path}")
+        if self._pickled:
+            return self._handles[info.shard][name]
+        try:
+            return self._open(info.shard).get_tensor(name)
+        except SafetensorError as exc:
+            raise DarwinError(f"cannot read {name} from {self.path / info.shard}: {exc}") from None
+
+    @property
+    def num_layers(self) -> int:
+        blocks = [self.kind(n)[1] for n in self.tensors]
+        return max((b for b in blocks if b is not None), default=-1) + 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        """Identity of the weights for cache keys: names, shapes, dtypes and each shard's size and header."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            path = self.path / shard
+            digest.update(shard.encode())
+            digest.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as fh:
+                digest.update(fh.read(1 << 16))
+        return digest.hexdigest()[:16]
+
+
+def check_compatible(father: Checkpoint, mother: Checkpoint, base: Checkpoint | None = None, limit: int = 5) -> None:
+    """Refuse parents that cannot be merged tensor by tensor, naming the first mismatches."""
+    for label, other in (("mother", mother), ("base", base)):
+        if other is None:
+            continue
+        problems = []
+        arch_a, arch_b = father.config.get("architectures"), other.config.get("architectures")
+        if arch_a and arch_b and arch_a != arch_b:
+            problems.append(f"architectures {arch_a} vs {arch_b}")
+        only_a = [n for n in father.tensors if n not in other.tensors]
+        only_b = [n for n in other.tensors if n not in father.tensors]
+        problems += [f"{n} only in father" for n in only_a[:limit]]
+        problems += [f"{n} only in {label}" for n in only_b[:limit]]
+        for name, info in father.tensors.items():
+            peer = other.tensors.get(name)
+            if peer is not None and (peer.shape, peer.dtype) != (info.shape, info.dtype):
+                problems.append(f"{name} {dtype_name(info.dtype)}{list(info.shape)} vs "
+                                f"{dtype_name(peer.dtype)}{list(peer.shape)}")
+            if len(problems) >= limit:
+                break
+        if problems:
+            raise DarwinError(f"father and {label} do not match: " + "; ".join(problems[:limit]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+def _header_bytes(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None) -> bytes:
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardStream:
+    """One safetensors file written tensor by tensor, in the order of its specs.
+
+    safetensors' own writer needs every tensor in memory at once; this writes the same format (header with all
+    offsets first, then the raw bytes) so a shard never has to be held whole.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+        self.path = path
+        self.specs = specs
+        self._next = 0
+        self._fh = open(path, "wb")
+        self._fh.write(_header_bytes(specs, metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self.specs[self._next]
+        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{self.path.name}: expected {expected_name} {dtype}{list(shape)}, "
+                             f"got {name} {tensor.dtype}{list(tensor.shape)}")
+        self._fh.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self.specs):
+            raise ValueError(f"{self.path.name}: {len(self.specs) - self._next} tensors were never written")
+
+
+class CheckpointWriter:
+    """An HF checkpoint written into a temporary sibling directory and renamed into place by `commit()`.
+
+    Either stream shards whose layout is known (`shard(...)`, as the merge does, mirroring the father), or
+    `add()` tensors one by one and let the writer cut shards at `max_shard_bytes`. The index is written last,
+    then the side files (config, tokenizer, generation config) are copied from `template`.
+    """
+
+    def __init__(self, out: str | os.PathLike, template: Path | None = None, max_shard_bytes: int = 5 << 30,
+                 metadata: dict | None = None, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise DarwinError(f"output already exists: {self.out}")
+        self.template = template
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir(parents=True)
+        self.weight_map: dict[str, str] = {}
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._auto_shards = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def shard(self, filename: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> ShardStream:
+        for name, _, _ in specs:
+            self.weight_map[name] = filename
+        return ShardStream(self.tmp / filename, specs, self.metadata)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._pending.append((name, tensor))
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self._auto_shards += 1
+        filename = f"model-{self._auto_shards:05d}.safetensors"
+        stream = self.shard(filename, [(n, t.dtype, tuple(t.shape)) for n, t in self._pending])
+        for name, tensor in self._pending:
+            stream.write(name, tensor)
+        stream.close()
+        self._pending, self._pending_bytes = [], 0
+
+    def write_text(self, relative: str, text: str) -> None:
+        (self.tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        (self.tmp / relative).write_text(text)
+
+    def _name_auto_shards(self) -> None:
+        """HF names shards model-0000i-of-0000N; N is only known once every shard is written."""
+        total = self._auto_shards
+        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors"
+                   for i in range(1, total + 1)}
+        for old, new in renames.items():
+            (self.tmp / old).rename(self.tmp / new)
+        self.weight_map = {n: renames.get(f, f) for n, f in self.weight_map.items()}
+
+    def commit(self) -> Path:
+        self._flush()
+        if self._auto_shards:
+            self._name_auto_shards()
+        if self.template is not None:
+            copy_side_files(Path(self.template), self.tmp)
+        total = sum((self.tmp / f).stat().st_size for f in set(self.weight_map.values()))
+        index = {"metadata": {"total_size": total, **{k: v for k, v in self.metadata.items() if k != "format"}},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    """Config, tokenizer, generation and processor files: every top-level file that is not weights or index."""
+    for item in source.iterdir():
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.endswith(".index.json") \
+                and not item.name.startswith("."):
+            shutil.copy2(item, dest / item.name)

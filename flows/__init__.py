@@ -1,0 +1,1 @@
+"""darwin's Prefect flows and the `darwin` command line."""

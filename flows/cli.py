@@ -1,0 +1,61 @@
+"""The `darwin` command line: one subcommand per phase, and the whole run.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `command(args) -> int`; only the
+module of the command being run is imported, so `darwin merge` does not pay for Prefect or lm-eval at start-up.
+User errors (`DarwinError`) print as one line and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "profile": ("flows.profile", "Phase 0: per-tensor MRI of a model (norm, std, entropy), fanned out per shard"),
+    "merge": ("flows.merge", "merge two parents with a genome (darwin-v5, darwin-v6, dare-ties)"),
+    "probe": ("flows.probe", "Phase 0: probe layer importance (and MoE routing) of a model"),
+    "health": ("flows.health", "Phase 3: child against both parents, layer by layer"),
+    "evolve": ("flows.evolve", "the whole run from a config: MRI, CMA-ES phases 1 and 2, health, release"),
+    "quantize": ("flows.release", "release: MFP4 (ModelOpt) or NVFP4A16 (compressed-tensors) with roundtrip report"),
+    "publish": ("flows.publish", "upload a run or model with model card and manifest to s3:// or a path"),
+    "demo": ("flows.demo", "build demo parents and run the whole pipeline offline; the child beats both"),
+}
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="darwin", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    command_parser = argparse.ArgumentParser(prog=f"darwin {name}", description=COMMANDS[name][1])
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    _quiet_environment()
+    from darwin.errors import DarwinError
+
+    try:
+        return int(module.command(args) or 0)
+    except DarwinError as exc:
+        print(f"darwin {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"darwin {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pico  # noqa: E402
+
+ARC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One ephemeral Prefect API for the whole session (each harness starts a server: ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def pico_checkpoint(tmp_path_factory):
+    """save(family, seed=0, perturb=None) -> path of a tiny multi-shard checkpoint, built once per argument set."""
+    built = {}
+
+    def make(family: str, seed: int = 0, perturb: int | None = None, scale: float = 0.02):
+        key = (family, seed, perturb, scale)
+        if key not in built:
+            model = pico.build(family, seed=seed)
+            if perturb is not None:
+                pico.perturbed(model, perturb, scale)
+            path = tmp_path_factory.mktemp(f"{family}-{seed}-{perturb}")
+            pico.save(model, path)
+            if family == "qwen3_5":
+                pico.add_tensors(path, pico.mtp_tensors(seed=perturb or seed))
+            built[key] = path
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def arc_dir():
+    if not (ARC_DIR / "test.jsonl").exists():
+        pytest.skip(f"real ARC-Challenge data not found at {ARC_DIR}")
+    return ARC_DIR

@@ -1,0 +1,147 @@
+"""Tiny models of every supported family, built locally with transformers for tests (never downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+VOCAB = 320
+
+
+def _text_kwargs(**extra):
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    kwargs.update(extra)
+    return kwargs
+
+
+def _qwen35_text_kwargs(**extra):
+    return _text_kwargs(
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_value_head_dim=16,
+        **extra,
+    )
+
+
+def llama_config():
+    return tf.LlamaConfig(**_text_kwargs(tie_word_embeddings=False))
+
+
+def qwen3_config():
+    return tf.Qwen3Config(**_text_kwargs(tie_word_embeddings=False))
+
+
+def qwen3_moe_config():
+    return tf.Qwen3MoeConfig(
+        **_text_kwargs(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    )
+
+
+def qwen35_text_config():
+    return tf.Qwen3_5TextConfig(**_qwen35_text_kwargs(tie_word_embeddings=False))
+
+
+def qwen35_config():
+    """The real checkpoints' layout: a vision tower and a language model (`model.language_model.*`)."""
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return tf.Qwen3_5Config(text_config=_qwen35_text_kwargs(), vision_config=vision, tie_word_embeddings=False)
+
+
+def qwen35_moe_text_config():
+    return tf.Qwen3_5MoeTextConfig(
+        **_qwen35_text_kwargs(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=32, tie_word_embeddings=False)
+    )
+
+
+def gemma4_text_config():
+    return tf.Gemma4TextConfig(**_text_kwargs(
+        tie_word_embeddings=True, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        sliding_window=32, per_layer_config=None))
+
+
+def gemma4_moe_text_config():
+    return tf.Gemma4TextConfig(**_text_kwargs(
+        tie_word_embeddings=True, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        sliding_window=32, per_layer_config=None, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32))
+
+
+BUILDERS = {
+    "llama": (llama_config, tf.LlamaForCausalLM),
+    "qwen3": (qwen3_config, tf.Qwen3ForCausalLM),
+    "qwen3_moe": (qwen3_moe_config, tf.Qwen3MoeForCausalLM),
+    "qwen3_5_text": (qwen35_text_config, tf.Qwen3_5ForCausalLM),
+    "qwen3_5": (qwen35_config, tf.Qwen3_5ForConditionalGeneration),
+    "qwen3_5_moe_text": (qwen35_moe_text_config, tf.Qwen3_5MoeForCausalLM),
+    "gemma4_text": (gemma4_text_config, tf.Gemma4ForCausalLM),
+    "gemma4_moe_text": (gemma4_moe_text_config, tf.Gemma4ForCausalLM),
+}
+
+
+def build(family: str, seed: int = 0, dtype=torch.bfloat16):
+    make_config, model_cls = BUILDERS[family]
+    torch.manual_seed(seed)
+    config = make_config()
+    config.architectures = [model_cls.__name__]
+    return model_cls(config).to(dtype).eval()
+
+
+def save(model, path: Path, shard_size: str = "40KB") -> Path:
+    model.save_pretrained(path, max_shard_size=shard_size)
+    return path
+
+
+def add_tensors(path: Path, tensors: dict, shard: str = "extra.safetensors") -> None:
+    """Add tensors transformers does not build (Qwen3.5's `mtp.*`) as one more shard of a saved checkpoint."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / shard, metadata={"format": "pt"})
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({name: shard for name in tensors})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def mtp_tensors(hidden: int = 64, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """The multi-token-prediction head of the real Qwen3.5 checkpoints, at pico size."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "mtp.fc.weight": (hidden, 2 * hidden),
+        "mtp.norm.weight": (hidden,),
+        "mtp.pre_fc_norm_embedding.weight": (hidden,),
+        "mtp.pre_fc_norm_hidden.weight": (hidden,),
+        "mtp.layers.0.self_attn.q_proj.weight": (hidden, hidden),
+        "mtp.layers.0.mlp.down_proj.weight": (hidden, 2 * hidden),
+        "mtp.layers.0.input_layernorm.weight": (hidden,),
+    }
+    return {name: (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in shapes.items()}
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A 'fine-tune' of a model: every floating weight moved by a small deterministic delta."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    return model
