@@ -1,0 +1,56 @@
+"""Release quantization: MFP4 (ModelOpt NVFP4 on MLP / expert linears, calibrated) and NVFP4A16 (weight-only
+round-to-nearest NVFP4 in the compressed-tensors format), each checked by a roundtrip report decoded from the
+written files.
+
+`quantize(model, scheme, out, ...)` is the one entry point; the schemes' modules are imported only when used, so
+asking for nvfp4a16 never pays for importing ModelOpt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from darwin.checkpoint import Checkpoint
+from darwin.errors import DarwinError
+
+SCHEMES = ("mfp4", "nvfp4a16")
+MLP_KINDS = ("mlp", "expert", "shared_expert")
+
+
+def check_source(ckpt: Checkpoint) -> None:
+    """Refuse a model that is already quantized or has nothing the release formats would quantize."""
+    quantized = ckpt.config.get("quantization_config") or (ckpt.config.get("text_config") or {}).get(
+        "quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        raise DarwinError(f"{ckpt.path} is already quantized (quantization_config with quant_method {method!r}); "
+                          "quantize the BF16 checkpoint instead")
+    if not any(ckpt.kind(name)[0] in MLP_KINDS for name in ckpt.tensors):
+        raise DarwinError(f"{ckpt.path} has no MLP or expert tensors to quantize "
+                          f"(family {ckpt.family.name}; kinds: {', '.join(sorted(_kinds(ckpt)))})")
+
+
+def _kinds(ckpt: Checkpoint) -> set[str]:
+    return {ckpt.kind(name)[0] for name in ckpt.tensors}
+
+
+def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, calibration: list[str] | None = None,
+             device: str = "auto") -> Path:
+    """Quantize MODEL into OUT with `scheme` (mfp4 | nvfp4a16) and write OUT/roundtrip.json; returns OUT."""
+    if scheme not in SCHEMES:
+        raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
+    if scheme == "mfp4":
+        from darwin.quantize.mfp4 import quantize_mfp4
+
+        path = quantize_mfp4(model, out, calibration=calibration, device=device)
+    else:
+        if calibration:
+            raise DarwinError("nvfp4a16 is round-to-nearest and takes no calibration set")
+        from darwin.quantize.nvfp4a16 import quantize_nvfp4a16
+
+        path = quantize_nvfp4a16(model, out)
+    from darwin.quantize.roundtrip import roundtrip_report
+
+    roundtrip_report(Checkpoint(model).path, path, scheme)
+    return path

@@ -1,0 +1,150 @@
+"""MFP4 (Darwin-9B-MFP4): NVIDIA ModelOpt NVFP4 on the MLP, expert and shared-expert linears only.
+
+Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
+routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
+exclusions for everything the card keeps BF16, max calibration on a few prompts, then `export_hf_checkpoint`.
+The export is the layout vLLM loads with `--quantization modelopt_fp4`: per quantized linear `weight` (uint8, two
+E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and
+`input_scale` (float32); `hf_quant_config.json` and config.json `quantization_config` name the excluded modules.
+Scale convention: w = e2m1 * weight_scale * weight_scale_2, with weight_scale_2 = amax(|w|) / (6 * 448).
+
+Tensors transformers does not build (Qwen3.5's `mtp.*`) are read from the source checkpoint and handed to the
+export unchanged, and named as excluded, so nothing the user had is lost and vLLM's MTP head loads as BF16.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from darwin.checkpoint import Checkpoint, CheckpointWriter, copy_side_files
+from darwin.errors import DarwinError
+from darwin.quantize import check_source
+
+BACKEND = "darwin_nvfp4_torch"
+BLOCK = 16
+
+# Probe-like prompts, one per probe area; a release calibrates on the run's own set when it has one.
+DEFAULT_CALIBRATION = [
+    "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies? Explain step by step.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Solve for x: 3x + 7 = 22. Then compute x squared minus 4.",
+    "The capital of Australia is Canberra, and the largest desert in the world is",
+    "Translate into French and then explain the grammar: 'The children were playing in the garden.'",
+]
+
+# Everything the card keeps BF16, named as in Qwen3.5 (dense and MoE, split or fused projections) and the
+# decoder families; ModelOpt matches these against quantizer names, later entries win.
+KEEP_BF16 = [
+    "*self_attn*", "*linear_attn*", "*mlp.gate.*", "*shared_expert_gate*", "*embed_tokens*", "*lm_head*",
+    "*visual*", "mtp*",
+]
+
+
+def nvfp4_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    """NVFP4 quantize-dequantize with ModelOpt's own reference math (NVFP4QTensor), for devices where its
+    CUDA / Triton fake-quant kernels do not run (the dynamic-block kernel asserts CUDA)."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+    from modelopt.torch.quantization.utils.numeric_utils import E2M1_MAX, E4M3_MAX
+
+    amax = quantizer.amax if quantizer.amax is not None else inputs.abs().amax()
+    global_scale = amax.float().to(inputs.device) / (E2M1_MAX * E4M3_MAX)
+    packed, block_scale, global_scale = NVFP4QTensor.quantize(inputs, BLOCK, weights_scaling_factor_2=global_scale)
+    return packed.dequantize(dtype=inputs.dtype, scale=block_scale, double_scale=global_scale,
+                             block_sizes={-1: BLOCK})
+
+
+def quant_config(cpu: bool) -> dict:
+    from modelopt.torch.quantization.config import NVFP4_MLP_ONLY_CFG
+
+    config = copy.deepcopy(NVFP4_MLP_ONLY_CFG)
+    config["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in KEEP_BF16]
+    if cpu:
+        for entry in config["quant_cfg"]:
+            if "cfg" in entry:
+                entry["cfg"]["backend"] = BACKEND
+    return config
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise DarwinError(f"unknown device {device!r} (devices: auto, cpu, cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DarwinError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _load(ckpt: Checkpoint, device: str):
+    import transformers
+
+    architectures = ckpt.config.get("architectures") or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        raise DarwinError(f"{ckpt.path}/config.json names no transformers architecture ({architectures}); "
+                          "ModelOpt needs the model class to build and export it")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.path)
+    except (OSError, ValueError) as exc:
+        raise DarwinError(f"{ckpt.path} has no tokenizer to encode the calibration prompts: "
+                          f"{str(exc).splitlines()[0][:160]}") from None
+    model = model_cls.from_pretrained(ckpt.path, dtype=torch.bfloat16, device_map=device).eval()
+    return model, tokenizer
+
+
+def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: list[str] | None = None,
+                  device: str = "auto") -> Path:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
+
+    ckpt = Checkpoint(model)
+    check_source(ckpt)
+    device = _device(device)
+    prompts = calibration or DEFAULT_CALIBRATION
+    if Path(out).exists():
+        raise DarwinError(f"output already exists: {out}")
+    hf_model, tokenizer = _load(ckpt, device)
+    if device == "cpu" and not is_registered_quant_backend(BACKEND):
+        register_quant_backend(BACKEND, nvfp4_fake_quant)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for prompt in prompts:
+                m(**tokenizer(prompt, return_tensors="pt").to(m.device))
+
+    mtq.quantize(hf_model, quant_config(cpu=device == "cpu"), forward_loop)
+    carried = {name: ckpt.read(name) for name in ckpt.tensors if ckpt.kind(name)[0] == "mtp"}
+    if carried:
+        # ModelOpt's hook for MTP heads loaded beside the model: their prefixes go into exclude_modules.
+        hf_model._mtp_layer_prefixes = sorted({name.split(".")[0] for name in carried})
+    staging = Path(tempfile.mkdtemp(prefix=".mfp4-export-", dir=Path(out).parent))
+    try:
+        export_hf_checkpoint(hf_model, export_dir=staging, extra_state_dict=carried)
+        return _finish(ckpt, staging, Path(out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(ckpt: Checkpoint, staging: Path, out: Path) -> Path:
+    """Check that every source tensor is in the export (as itself or its packed NVFP4 form) and move it into
+    place atomically, with the source's tokenizer and processor files beside ModelOpt's config."""
+    exported = Checkpoint(staging)
+    missing = [name for name in ckpt.tensors if name not in exported.tensors]
+    if missing:
+        raise DarwinError(f"ModelOpt's export lost {len(missing)} tensors of {ckpt.path}: {', '.join(missing[:5])}")
+    with CheckpointWriter(out, max_shard_bytes=4 << 30) as writer:
+        for name in exported.tensors:
+            writer.add(name, exported.read(name))
+        copy_side_files(ckpt.path, writer.tmp)
+        copy_side_files(staging, writer.tmp)
+    return out

@@ -1,0 +1,79 @@
+"""NVFP4A16: weight-only round-to-nearest NVFP4 in the compressed-tensors `nvfp4-pack-quantized` format.
+
+No calibration and no forward pass: the checkpoint is streamed tensor by tensor. Attention and MLP / expert
+linears are quantized; linear attention, routers, embeddings, lm_head, norms, vision and MTP stay BF16, as on the
+Qwen3.5-9B-heretic-NVFP4A16 card. compressed-tensors does the numerics (global scale, FP8 block scales, E2M1
+rounding and packing) and names the tensors: `weight_packed` (uint8, two E2M1 codes a byte, low nibble first),
+`weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_global_scale` (float32). Scale convention:
+w = e2m1 * weight_scale / weight_global_scale, with weight_global_scale = 448 * 6 / amax(|w|).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from compressed_tensors import __version__ as ct_version
+from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+from compressed_tensors.quantization.quant_scheme import NVFP4A16
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+from darwin.checkpoint import Checkpoint, CheckpointWriter, TensorInfo, copy_side_files
+from darwin.quantize import check_source
+
+QUANTIZED_KINDS = ("attn", "mlp", "expert", "shared_expert")
+SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4A16)
+GROUP = SCHEME.weights.group_size
+
+
+def is_quantized(ckpt: Checkpoint, info: TensorInfo) -> bool:
+    """A linear weight of attention or MLP whose input width splits into whole 16-element blocks."""
+    return (ckpt.kind(info.name)[0] in QUANTIZED_KINDS and info.name.endswith(".weight") and len(info.shape) == 2
+            and info.shape[1] % GROUP == 0)
+
+
+def compress_weight(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RTN NVFP4 of one [out, in] weight: compressed-tensors' global scale, FP8 block scales and packing."""
+    full = weight.float()
+    global_scale = generate_gparam(full.amin(), full.amax())
+    blocks = full.unflatten(-1, (-1, GROUP))
+    scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), SCHEME.weights, global_scale=global_scale)
+    state = {"weight": weight, "weight_scale": scale, "weight_global_scale": global_scale}
+    return dict(NVFP4PackedCompressor.compress(state, SCHEME))
+
+
+def quantization_config(ignore: list[str]) -> dict:
+    """The `quantization_config` entry of config.json, as compressed-tensors writes it for a compressed model."""
+    config = QuantizationConfig(
+        config_groups={"group_0": SCHEME}, ignore=ignore, format=CompressionFormat.nvfp4_pack_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+    ).model_dump()
+    config["version"] = ct_version
+    return config
+
+
+def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
+    ckpt = Checkpoint(model)
+    check_source(ckpt)
+    # vLLM and transformers quantize every Linear a pattern does not exclude, so every module kept BF16 that
+    # holds a matrix is named (norms and biases have no module of their own to name).
+    ignore = []
+    with CheckpointWriter(out) as writer:
+        for name, info in ckpt.tensors.items():
+            tensor = ckpt.read(name)
+            if is_quantized(ckpt, info):
+                module = name.removesuffix(".weight")
+                for param, value in compress_weight(tensor).items():
+                    writer.add(f"{module}.{param}", value)
+            else:
+                writer.add(name, tensor)
+                if name.endswith(".weight") and len(info.shape) >= 2:
+                    ignore.append(name.removesuffix(".weight"))
+        copy_side_files(ckpt.path, writer.tmp)
+        config = dict(ckpt.config, quantization_config=quantization_config(sorted(ignore)))
+        writer.write_text("config.json", json.dumps(config, indent=2))
+    return Path(out)

@@ -1,0 +1,127 @@
+"""Roundtrip check of a quantized release: decode the WRITTEN NVFP4 tensors back to float and compare them with
+the source weights; tensors kept in the source precision must be bit-identical.
+
+Both schemes store the same NVFP4 payload (E2M1 codes packed two a byte, low nibble first; one FP8 E4M3 scale
+per 16 inputs) and differ only in names and in the direction of the FP32 per-tensor scale:
+- mfp4 (ModelOpt / vLLM modelopt_fp4): `weight`, `weight_scale`, `weight_scale_2`;
+  w = e2m1 * weight_scale * weight_scale_2.
+- nvfp4a16 (compressed-tensors nvfp4-pack-quantized): `weight_packed`, `weight_scale`, `weight_global_scale`;
+  w = e2m1 * weight_scale / weight_global_scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+from darwin.checkpoint import Checkpoint
+from darwin.errors import DarwinError
+
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Layout:
+    packed: str
+    global_scale: str
+    global_is_divisor: bool
+    side: tuple[str, ...]  # other per-module tensors the format writes (counted in the size after)
+    convention: str
+
+
+LAYOUTS = {
+    "mfp4": Layout("weight", "weight_scale_2", False, ("weight_scale", "input_scale"),
+                   "w = e2m1 * weight_scale(fp8) * weight_scale_2; weight_scale_2 = amax / (6 * 448)"),
+    "nvfp4a16": Layout("weight_packed", "weight_global_scale", True, ("weight_scale",),
+                       "w = e2m1 * weight_scale(fp8) / weight_global_scale; weight_global_scale = 6 * 448 / amax"),
+}
+
+
+def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                 global_is_divisor: bool, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 weights of shape `shape` from packed E2M1 codes, FP8 block scales and the per-tensor scale."""
+    rows, width = packed.shape[0], packed.shape[1] * 2
+    values = unpack_fp4_from_uint8(packed, rows, width, dtype=torch.float32)
+    scale = block_scale.float()
+    scale = scale / global_scale.float() if global_is_divisor else scale * global_scale.float()
+    weights = (values.view(rows, -1, BLOCK) * scale.view(rows, -1, 1)).view(rows, width)
+    return weights[:, : shape[-1]].reshape(shape)
+
+
+def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.PathLike, scheme: str) -> dict:
+    """Per quantized tensor and overall: max / mean absolute error, relative Frobenius error, bytes before and
+    after; the tensors kept as they were (and whether they are bit-identical). Written to quantized_dir/roundtrip.json."""
+    if scheme not in LAYOUTS:
+        raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(LAYOUTS)})")
+    layout = LAYOUTS[scheme]
+    source, quantized = Checkpoint(source_dir), Checkpoint(quantized_dir)
+    modules = [name.removesuffix("." + layout.packed) for name, info in quantized.tensors.items()
+               if name.endswith("." + layout.packed) and info.dtype == torch.uint8
+               and f"{name.removesuffix('.' + layout.packed)}.{layout.global_scale}" in quantized.tensors]
+    rows, consumed = [], set()
+    err_sq = ref_sq = abs_sum = 0.0
+    max_abs, numel = 0.0, 0
+    for module in modules:
+        source_name = f"{module}.weight"
+        if source_name not in source.tensors:
+            raise DarwinError(f"{quantized.path} holds quantized {module} but {source.path} has no {source_name}")
+        names = [f"{module}.{p}" for p in (layout.packed, layout.global_scale, *layout.side)]
+        names = [n for n in names if n in quantized.tensors]
+        consumed.update(names)
+        original = source.read(source_name).float()
+        decoded = decode_nvfp4(quantized.read(f"{module}.{layout.packed}"), quantized.read(f"{module}.weight_scale"),
+                               quantized.read(f"{module}.{layout.global_scale}"), layout.global_is_divisor,
+                               tuple(original.shape))
+        error = (decoded - original).abs()
+        e2, r2 = float(error.pow(2).sum()), float(original.pow(2).sum())
+        rows.append({
+            "name": source_name, "kind": source.kind(source_name)[0], "shape": list(original.shape),
+            "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+            "relative_frobenius": math.sqrt(e2 / r2) if r2 else 0.0,
+            "bytes_before": source.tensors[source_name].nbytes,
+            "bytes_after": sum(quantized.tensors[n].nbytes for n in names),
+        })
+        err_sq, ref_sq, abs_sum = err_sq + e2, ref_sq + r2, abs_sum + float(error.sum())
+        max_abs, numel = max(max_abs, float(error.max())), numel + original.numel()
+    if not rows:
+        raise DarwinError(f"{quantized.path} holds no {scheme} tensors ({layout.packed} + {layout.global_scale})")
+
+    kept, changed = [], []
+    for name in quantized.tensors:
+        if name in consumed or name not in source.tensors:
+            continue
+        kept.append(name)
+        a, b = source.read(name), quantized.read(name)
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+            changed.append(name)
+    quantized_sources = {row["name"] for row in rows}
+    missing = [n for n in source.tensors if n not in quantized.tensors and n not in quantized_sources]
+    report = {
+        "scheme": scheme,
+        "source": str(source.path),
+        "quantized": str(quantized.path),
+        "scale_convention": layout.convention,
+        "overall": {
+            "quantized_tensors": len(rows),
+            "kept_tensors": len(kept),
+            "max_abs_error": max_abs,
+            "mean_abs_error": abs_sum / numel,
+            "relative_frobenius": math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
+            "bytes_before": source.nbytes,
+            "bytes_after": quantized.nbytes,
+            "size_ratio": quantized.nbytes / source.nbytes,
+        },
+        "tensors": rows,
+        "kept": kept,
+        "kept_identical": not changed,
+        "kept_changed": changed,
+        "missing": missing,
+    }
+    (quantized.path / "roundtrip.json").write_text(json.dumps(report, indent=2))
+    return report
