@@ -1,0 +1,238 @@
+"""Fitness: lm-eval on a model held in memory, with per-question results for paired statistics.
+
+A candidate child is evaluated as a live `transformers` model wrapped in lm-eval's HFLM, so Phase 2 writes no
+checkpoint. Tasks are lm-eval task names (`arc_challenge`) or paths to local task YAML files of the same shape
+(`dataset_path: json`), which is how the tool runs offline: `arc_task_file` writes a local copy of lm-eval's own
+`arc_challenge` config pointing at ai2_arc-schema JSON Lines.
+
+The score of a task is `acc_norm` when it reports one, else `acc`; fitness is the unweighted mean over the leaf
+tasks (a group such as `mmlu` counts each subtask once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from darwin.errors import DarwinError
+
+TEMPLATE = Path(__file__).parent / "data" / "tasks" / "arc_challenge_local.yaml"
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+METRICS = ("acc_norm", "acc")
+# lm-eval's default fewshot seed (lm_eval.defaults.DEFAULT_OTHER_SEED), so a few-shot task samples as lm-eval does.
+FEWSHOT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores: dict[str, float]  # leaf task -> acc_norm (else acc)
+    fitness: float  # mean of scores
+    per_question: dict[str, list[bool]]  # leaf task -> correctness of each question, in document order
+    seconds: float
+
+
+def _is_task_file(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml")) or Path(spec).is_file()
+
+
+class TaskSet:
+    """lm-eval task objects built once and reused by every `evaluate` call of a worker.
+
+    Indexing lm-eval's built-in task configs (needed for task names, skipped for local files) takes seconds,
+    and each task loads its dataset when built. A Task object holds the requests of the evaluation running on
+    it, so each thread builds its own copy of the tasks (once); the index is shared.
+    """
+
+    def __init__(self, tasks: Sequence[str | Path]):
+        from lm_eval.tasks import TaskManager
+
+        self.specs = tuple(str(t) for t in tasks)
+        if not self.specs:
+            raise DarwinError("no fitness tasks given")
+        names = [s for s in self.specs if not _is_task_file(s)]
+        for spec in self.specs:
+            if spec not in names and not Path(spec).is_file():
+                raise DarwinError(f"task file {spec} does not exist")
+        with _quiet():
+            self._manager = TaskManager(include_defaults=bool(names))
+        unknown = [n for n in names if n not in self._manager.all_tasks]
+        if unknown:
+            raise DarwinError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+        self._local = threading.local()
+        self.loaded()  # a broken task file or missing dataset fails here, before any evaluation
+
+    def loaded(self) -> dict:
+        """This thread's `TaskManager.load` result: {"tasks": {name: Task}, "groups": ..., "group_map": ...}."""
+        loaded = getattr(self._local, "loaded", None)
+        if loaded is None:
+            with _quiet():
+                try:
+                    loaded = self._manager.load(list(self.specs))
+                except (OSError, ValueError, KeyError) as exc:
+                    raise DarwinError(f"cannot load fitness tasks {list(self.specs)}: {exc}") from None
+            for task in loaded["tasks"].values():
+                # as simple_evaluate does: zero-shot unless the task config asks for examples
+                if task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                task.set_fewshot_seed(seed=FEWSHOT_SEED)
+            self._local.loaded = loaded
+        return loaded
+
+    def __getstate__(self):
+        # threading.local does not pickle (Ray ships arguments to workers); the receiver rebuilds its tasks
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str | Path] | TaskSet,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> EvalResult:
+    """Score an in-memory causal LM on lm-eval tasks (names, task YAML paths, or a prepared TaskSet).
+
+    The model is moved to `device` in place. Pass a TaskSet when evaluating many models on the same tasks.
+    """
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    start = time.perf_counter()
+    task_set = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)
+    loaded = task_set.loaded()
+    model.to(device)
+    with _quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter reseeds the global RNGs and collects
+        # environment info (pip list and git in subprocesses, ~0.3 s a call)
+        results = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
+    scores, per_question = {}, {}
+    for name in loaded["tasks"]:
+        metrics = results["results"][name]
+        metric = next((m for m in METRICS if f"{m},none" in metrics), None)
+        if metric is None:
+            raise DarwinError(f"task {name} reports neither acc_norm nor acc; darwin's fitness needs one of them")
+        scores[name] = float(metrics[f"{metric},none"])
+        samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+        per_question[name] = [bool(s[metric]) for s in samples]
+    fitness = sum(scores.values()) / len(scores)
+    return EvalResult(scores, fitness, per_question, time.perf_counter() - start)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval logs at INFO/WARNING per call and per truncated request; a Phase 2 run makes thousands of calls."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def multiple_choice_task_file(name: str, data_files: Mapping[str, str | Path], out_dir: str | Path) -> Path:
+    """Write `out_dir/<name>.yaml`: lm-eval's arc_challenge config over local ARC-format JSON Lines.
+
+    `data_files` maps splits (train, validation, test) to files; lm-eval evaluates on test, else validation.
+    """
+    unknown = set(data_files) - set(SPLIT_KEYS)
+    if unknown:
+        raise DarwinError(f"task {name}: unknown split(s) {sorted(unknown)} (use {', '.join(SPLIT_KEYS)})")
+    if not {"test", "validation"} & set(data_files):
+        raise DarwinError(f"task {name}: a test or validation file is needed to evaluate on")
+    files = {split: Path(path).expanduser().resolve() for split, path in data_files.items()}
+    for split, path in files.items():
+        if not path.is_file():
+            raise DarwinError(f"task {name}: {split} file {path} does not exist")
+    config = yaml.safe_load(TEMPLATE.read_text())
+    config["task"] = name
+    config["dataset_kwargs"]["data_files"] = {split: str(path) for split, path in files.items()}
+    for split, key in SPLIT_KEYS.items():
+        if split not in files:
+            del config[key]
+    out = Path(out_dir) / f"{name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def arc_task_file(data_dir: str | Path, out_dir: str | Path) -> Path:
+    """The local arc_challenge task over `data_dir/{train,validation,test}.jsonl` (ai2_arc schema)."""
+    data_dir = Path(data_dir)
+    files = {split: data_dir / f"{split}.jsonl" for split in SPLIT_KEYS if (data_dir / f"{split}.jsonl").is_file()}
+    if "test" not in files:
+        raise DarwinError(f"no ARC data in {data_dir}: test.jsonl is missing")
+    return multiple_choice_task_file("arc_challenge_local", files, out_dir)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_data_files(files):
+    if isinstance(files, Mapping):
+        return {split: _hash_data_files(f) for split, f in files.items()}
+    if isinstance(files, (list, tuple)):
+        return [_hash_data_files(f) for f in files]
+    path = Path(files)
+    if not path.is_file():
+        raise DarwinError(f"data file {files} of a fitness task does not exist")
+    return _sha256_file(path)
+
+
+def task_identity(spec: str | Path) -> str | dict:
+    """A task name as is; a task file as its resolved config with its data files replaced by content hashes.
+
+    So a task file keys the same wherever it and its data live, and changes key when its config or data change.
+    """
+    spec = str(spec)
+    if not _is_task_file(spec):
+        return spec
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = Path(spec)
+    if not path.is_file():
+        raise DarwinError(f"task file {spec} does not exist")
+    config = load_yaml(path, resolve_func=False)
+    kwargs = config.get("dataset_kwargs") or {}
+    if "data_files" in kwargs:
+        config["dataset_kwargs"] = {**kwargs, "data_files": _hash_data_files(kwargs["data_files"])}
+    return config
+
+
+def fitness_cache_key(
+    parents_fingerprints: Sequence[str] | Mapping[str, str],
+    genome_hash: str,
+    tasks: Sequence[str | Path] | TaskSet,
+    limit: int | None,
+) -> str:
+    """sha256 of canonical JSON over what determines a fitness: parents (in order), genome, tasks, limit.
+
+    Task order does not change the fitness (a mean), so tasks are sorted.
+    """
+    specs = tasks.specs if isinstance(tasks, TaskSet) else tasks
+    identities = sorted(json.dumps(task_identity(t), sort_keys=True, default=str) for t in specs)
+    parents = dict(parents_fingerprints) if isinstance(parents_fingerprints, Mapping) else list(parents_fingerprints)
+    payload = {"parents": parents, "genome": genome_hash, "tasks": identities, "limit": limit}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
