@@ -1,0 +1,92 @@
+"""MoE routing stats on pico MoE models: frequencies, entropy, and exactly the experts a rigged router starves."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import pico
+import picotok
+from darwin import moe, probes
+
+DEAD = {0: {3}, 1: {1, 2}, 2: set(), 3: {0}}
+TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "What is 17 times 23?",
+         "Translate into French: the cat sleeps.", "If all A are B and all B are C, are all A C?"]
+
+
+def rigged_qwen3_moe(dead: dict[int, set[int]]):
+    """A pico Qwen3-MoE whose routers never pick the `dead` experts. Residual channel 0 is held at a constant
+    positive value (set in every embedding, and no attention or expert writes to it), so after the RMSNorm it is
+    positive for every token; a router row with -4 there loses to every row with +4, whatever the other
+    (random, small) channels say."""
+    model = pico.build("qwen3_moe", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 8.0
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.experts.down_proj[:, 0] = 0
+            router = layer.mlp.gate.weight
+            router.copy_(torch.randn(router.shape, generator=g) * 0.1)
+            for expert in range(router.shape[0]):
+                router[expert, 0] = -4.0 if expert in dead[index] else 4.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return picotok.build()
+
+
+def test_a_router_that_never_selects_some_experts_reports_exactly_those_dead(tokenizer):
+    frame = moe.routing_stats(rigged_qwen3_moe(DEAD), tokenizer, TEXTS, batch_size=2)
+    assert moe.dead_expert_map(frame) == DEAD
+    dead_rows = frame[frame["dead"]]
+    assert (dead_rows["frequency"] == 0).all()
+    assert (frame.loc[~frame["dead"], "frequency"] >= 0.025).all()
+    assert "0.05 * top_k / num_experts" in frame.attrs["dead_rule"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+def test_frequencies_count_top_k_selections_of_real_tokens(family, tokenizer):
+    model = pico.build(family)
+    with torch.no_grad():  # pico Qwen3-MoE routers start at zero; give them something to route with
+        for layer in probes.decoder_layers(model):
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    frame = moe.routing_stats(model, tokenizer, TEXTS, batch_size=2)
+    real_tokens = sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])
+    assert frame.attrs["tokens"] == real_tokens
+    assert frame.attrs["top_k"] == 2
+    assert sorted(frame["layer"].unique()) == [0, 1, 2, 3]
+    sums = frame.groupby("layer")["frequency"].sum()
+    assert sums.to_numpy() == pytest.approx([2.0] * 4)
+    entropy = frame.groupby("layer")["entropy"].agg(["min", "max"])
+    assert (entropy["min"] == entropy["max"]).all()
+    assert ((entropy["min"] > 0) & (entropy["min"] < math.log2(4))).all()
+
+
+def test_uniform_router_has_maximal_entropy(tokenizer):
+    """All-zero router weights give a uniform softmax: exactly log2(E) bits."""
+    model = pico.build("qwen3_5_moe_text")
+    with torch.no_grad():
+        for layer in probes.decoder_layers(model):
+            layer.mlp.gate.weight.zero_()
+    frame = moe.routing_stats(model, tokenizer, TEXTS)
+    assert frame["entropy"].to_numpy() == pytest.approx([2.0] * len(frame))
+
+
+def test_dense_model_has_no_routers(pico_checkpoint):
+    assert moe.routers(pico.build("llama")) == {}
+    assert not moe.checkpoint_has_experts(pico_checkpoint("llama"))
+    assert moe.checkpoint_has_experts(pico_checkpoint("qwen3_5_moe_text"))
+
+
+def test_routing_files_keep_the_rule(tmp_path, tokenizer):
+    frame = moe.routing_stats(rigged_qwen3_moe(DEAD), tokenizer, TEXTS)
+    path = moe.write_routing(frame, tmp_path)
+    again = moe.read_routing(path)
+    pd.testing.assert_frame_equal(again, frame)
+    assert again.attrs["dead_rule"] == frame.attrs["dead_rule"]
+    assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert [row["dead_experts"] for row in moe.routing_table(frame)] == ["3", "1 2", "", "0"]
