@@ -1,0 +1,282 @@
+"""The release's model card: a README.md in the Hugging Face style (YAML front matter, then markdown).
+
+`model_card(run_info)` renders a plain dict; every key is optional and a missing one drops its section:
+
+    name          str    title (default "Darwin child")
+    license       str    default "apache-2.0"
+    father, mother, base   str   model ids or paths; father and mother become the `base_model` list
+    method        str    darwin-v5 | darwin-v6 | dare-ties
+    architecture  str    e.g. Qwen3_5ForConditionalGeneration
+    genome        {gene: value}          genome_hash  str
+    scores        {"father" | "mother" | "child": {task: value}}
+    fitness       {"father" | "mother" | "child": value}      p_values  {"father" | "mother": p}
+    evolution     {"genomes": n, "phase1": n, "phase2": n, "best_fitness": x}
+    health        {"verdict": str}
+    child_path    str    where the BF16 child sits in the release ("best" in a run, "." for a model)
+    quantization  [{"scheme": "mfp4" | "nvfp4a16", "path": str, "quantized": n, "kept": n,
+                    "size_before": bytes, "size_after": bytes, "max_abs_error": x, "mean_abs_error": x,
+                    "rel_fro_error": x}]
+    location      str    where the release is published (shown in the download line)
+    files         [str]  reports shipped with the release (history.parquet, mri/, health/, ...)
+
+`run_info_from_dir(path)` builds that dict from a run directory (`best/`, `summary.json`, `history.parquet`,
+`health/`, `quantized/`, `mri/`) or from a model directory (`merge_report.json`, `roundtrip.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ROLES = ("father", "mother", "child")
+SCHEME_SERVE = {
+    "mfp4": ("--quantization modelopt_fp4",
+             "NVIDIA ModelOpt, calibrated; NVFP4 on the MLP and expert linears only: attention, linear attention, "
+             "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM `--quantization modelopt_fp4`)"),
+    "nvfp4a16": ("",
+                 "weight-only round-to-nearest, compressed-tensors `nvfp4-pack-quantized`: linear attention, "
+                 "embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from config.json)"),
+}
+REPORTS = ("summary.json", "history.parquet", "evolution.png", "mri", "probes", "health", "merge_report.json")
+
+
+def _number(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _size(n) -> str:
+    if not isinstance(n, (int, float)):
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _front_matter(info: dict) -> str:
+    meta = {"license": info.get("license", "apache-2.0"), "library_name": "transformers"}
+    parents = [info[role] for role in ("father", "mother") if info.get(role)]
+    if parents:
+        meta["base_model"] = parents
+        meta["base_model_relation"] = "merge"
+    tags = ["merge", "darwin", "evolutionary-merge"]
+    if info.get("method"):
+        tags.append(info["method"])
+    schemes = [q.get("scheme") for q in info.get("quantization") or [] if q.get("scheme")]
+    if schemes:
+        tags += ["nvfp4", *schemes]
+    meta["tags"] = list(dict.fromkeys(tags))
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
+
+
+def _lineage(info: dict) -> str:
+    father, mother = info.get("father", "father"), info.get("mother", "mother")
+    lines = ["## Lineage", "", "```"]
+    if info.get("base"):
+        lines += [f"{info['base']}  (shared base)", "    │", "    ▼"]
+    lines += [f"{father}  (father)", "    │", "    ▼", f"{mother}  (mother)", "    │",
+              f"    │   {info.get('method', 'evolutionary merge')}", "    ▼", f"{info.get('name', 'child')}  (child)"]
+    for q in info.get("quantization") or []:
+        lines += ["    │", "    ▼", f"{q.get('path', q.get('scheme'))}  ({q.get('scheme')})"]
+    return "\n".join(lines + ["```"])
+
+
+def _method(info: dict) -> str:
+    paragraphs = [f"## Method\n\nMerged with **{info.get('method', 'an evolutionary merge')}**: each tensor's mix of "
+                  "father and mother follows the genome below (CMA-ES searched it, scored on the fitness tasks), "
+                  "guided by the parents' MRI profiles."]
+    if info.get("architecture"):
+        paragraphs.append(f"Architecture: `{info['architecture']}`.")
+    evo = info.get("evolution") or {}
+    parts = [f"{evo[k]} {label}" for k, label in (("genomes", "genomes evaluated"), ("phase1", "in Phase 1"),
+                                                   ("phase2", "in Phase 2")) if evo.get(k) is not None]
+    if evo.get("best_fitness") is not None:
+        parts.append(f"best fitness {_number(evo['best_fitness'])}")
+    if parts:
+        paragraphs.append("Evolution: " + ", ".join(parts) + ".")
+    if (info.get("health") or {}).get("verdict") is not None:
+        paragraphs.append("Health check (child against both parents, layer by layer): "
+                          f"**{info['health']['verdict']}**.")
+    return "\n\n".join(paragraphs)
+
+
+def _genome(info: dict) -> str:
+    rows = [[gene, value] for gene, value in info["genome"].items()]
+    out = "## Genome\n\n" + _table(["gene", "value"], rows)
+    if info.get("genome_hash"):
+        out += f"\n\ngenome_hash: `{info['genome_hash']}`"
+    return out
+
+
+def _scores(info: dict) -> str:
+    scores, fitness, p_values = info.get("scores") or {}, info.get("fitness") or {}, info.get("p_values") or {}
+    tasks = list(dict.fromkeys(task for role in ROLES for task in (scores.get(role) or {})))
+    rows = [[task, *[(scores.get(role) or {}).get(task) for role in ROLES]] for task in tasks]
+    if fitness:
+        rows.append(["**fitness**", *[fitness.get(role) for role in ROLES]])
+    out = "## Scores\n\n" + _table(["task", *ROLES], rows)
+    if p_values:
+        out += "\n\nPaired McNemar test of the child against each parent: " + ", ".join(
+            f"p = {_number(p)} vs {role}" for role, p in p_values.items()) + "."
+    return out
+
+
+def _quantization(info: dict) -> str:
+    rows = [[q.get("scheme"), f"`{q.get('path', '')}`", q.get("quantized"), q.get("kept"),
+             _size(q.get("size_before")), _size(q.get("size_after")), q.get("max_abs_error"),
+             q.get("mean_abs_error"), q.get("rel_fro_error")] for q in info["quantization"]]
+    legend = "\n".join(f"- `{scheme}`: {text}" for scheme, (_, text) in SCHEME_SERVE.items()
+                       if any(q.get("scheme") == scheme for q in info["quantization"]))
+    return ("## Quantization\n\nNVFP4: E2M1 values, an FP8 E4M3 scale per 16 weights, an FP32 global scale. "
+            "Roundtrip errors are measured on the written files, dequantized, against the BF16 weights.\n\n"
+            + _table(["scheme", "path", "tensors quantized", "kept BF16", "size before", "size after",
+                      "max abs error", "mean abs error", "rel. Frobenius error"], rows) + "\n\n" + legend)
+
+
+def _usage(info: dict) -> str:
+    local = "./" + info.get("name", "release").split("/")[-1]
+
+    def inside(rel: str | None) -> str:
+        return local if rel in (None, "", ".") else f"{local}/{rel}"
+
+    quantized = info.get("quantization") or []
+    # A release of a quantized model alone has no BF16 child to serve.
+    child = inside(info.get("child_path")) if "child_path" in info or not quantized else None
+    serve = [f"vllm serve {child}   # BF16"] if child else []
+    for q in quantized:
+        flag = SCHEME_SERVE.get(q.get("scheme"), ("", ""))[0]
+        serve.append(f"vllm serve {inside(q.get('path'))}" + (f" {flag}" if flag else "") + f"   # {q.get('scheme')}")
+    out = ["## Usage"]
+    if info.get("location"):
+        out.append(f"Download the release first (any S3 client or fsspec):\n\n```bash\n"
+                   f"aws s3 cp --recursive {info['location']} {local}   # or: s3fs / fsspec / cp -r\n```")
+    out.append("vLLM (`--quantization modelopt_fp4` for mfp4; compressed-tensors nvfp4a16 loads automatically):\n\n"
+               "```bash\n" + "\n".join(serve) + "\n```")
+    loadable = child or next((inside(q.get("path")) for q in quantized if q.get("scheme") == "nvfp4a16"), None)
+    if loadable:
+        out.append("transformers (the BF16 child, or nvfp4a16 with compressed-tensors installed):\n\n```python\n"
+                   "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                   f'model = AutoModelForCausalLM.from_pretrained("{loadable}", dtype="auto")\n'
+                   f'tokenizer = AutoTokenizer.from_pretrained("{loadable}")\n```')
+    return "\n\n".join(out)
+
+
+def model_card(run_info: dict) -> str:
+    """README.md text for a release; sections whose keys are missing from `run_info` are left out."""
+    info = {k: v for k, v in run_info.items() if v not in (None, {}, [])}
+    name = info.get("name", "Darwin child")
+    parents = " and ".join(f"**{info[r]}** ({r})" for r in ("father", "mother") if info.get(r))
+    intro = f"# {name}\n\nAn evolutionary merge" + (f" of {parents}" if parents else "") + \
+        ", bred by darwin: MRI of both parents, CMA-ES over merge genomes, MRI-guided merge, health check."
+    sections = [_front_matter(info), intro, _lineage(info), _method(info)]
+    if info.get("genome"):
+        sections.append(_genome(info))
+    if info.get("scores") or info.get("fitness"):
+        sections.append(_scores(info))
+    if info.get("quantization"):
+        sections.append(_quantization(info))
+    sections.append(_usage(info))
+    if info.get("files"):
+        sections.append("## Files\n\n" + "\n".join(f"- `{f}`" for f in info["files"]) +
+                        "\n\n`manifest.json` lists every file with its size and sha256; it is written last.")
+    return "\n\n".join(sections) + "\n"
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _hub_id(path: str | None) -> str | None:
+    """An HF cache snapshot path (`.../models--org--name/snapshots/<rev>`) back to `org/name`."""
+    if not path:
+        return path
+    for part in Path(path).parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return path
+
+
+def _roundtrip(report: dict, path: str) -> dict:
+    """One quantization row from a roundtrip.json, reading the overall figures at the top level or under 'overall'."""
+    overall = {**report, **(report.get("overall") or {})}
+
+    def first(*keys):
+        return next((overall[k] for k in keys if overall.get(k) is not None), None)
+
+    kept = first("kept", "kept_bf16", "tensors_kept")
+    quantized = first("quantized", "tensors_quantized", "tensors")
+    return {"scheme": first("scheme"), "path": path,
+            "quantized": len(quantized) if isinstance(quantized, (list, dict)) else quantized,
+            "kept": len(kept) if isinstance(kept, (list, dict)) else kept,
+            "size_before": first("size_before", "bytes_before"), "size_after": first("size_after", "bytes_after"),
+            "max_abs_error": first("max_abs_error", "max_abs"), "mean_abs_error": first("mean_abs_error", "mean_abs"),
+            "rel_fro_error": first("rel_fro_error", "relative_frobenius", "rel_fro")}
+
+
+def _inside(path: Path, release: Path) -> str | None:
+    """`path` relative to the published directory, or None when it is not part of the release."""
+    try:
+        return path.resolve().relative_to(release.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def run_info_from_dir(path: str | Path, release: str | Path | None = None) -> dict:
+    """The card's input from what a run (or a model) directory holds; absent files leave their keys out.
+
+    `release` is the directory actually published when it is not `path` itself (e.g. `RUN/quantized/mfp4` with the
+    card from RUN): paths in the card are then relative to it, and what lies outside it is left out.
+    """
+    root = Path(path)
+    release = Path(release) if release is not None else root
+    is_run = (root / "best").is_dir()
+    child = root / "best" if is_run else root
+    summary = _load_json(root / "summary.json")
+    merge = _load_json(child / "merge_report.json")
+    config = (yaml.safe_load((root / "config.yaml").read_text()) or {}) if (root / "config.yaml").is_file() else {}
+    parents = merge.get("parents") or {}
+    architectures = _load_json(child / "config.json").get("architectures") or [None]
+    info = {
+        "name": root.resolve().name,
+        "father": config.get("father") or _hub_id(parents.get("father")),
+        "mother": config.get("mother") or _hub_id(parents.get("mother")),
+        "base": config.get("base") or _hub_id(parents.get("base")),
+        "method": config.get("method") or merge.get("method"),
+        "architecture": architectures[0],
+        "genome": summary.get("genome") or merge.get("genome"),
+        "genome_hash": summary.get("genome_hash") or merge.get("genome_hash"),
+        "scores": summary.get("scores"), "fitness": summary.get("fitness"), "p_values": summary.get("p_values"),
+        "child_path": _inside(child, release),
+        "quantization": [_roundtrip(_load_json(p), _inside(p.parent, release))
+                         for p in sorted(root.rglob("roundtrip.json")) if _inside(p.parent, release) is not None],
+        "files": [rel + ("/" if (root / name).is_dir() else "") for name in REPORTS
+                  if (root / name).exists() and (rel := _inside(root / name, release)) is not None],
+    }
+    if (root / "history.parquet").is_file():
+        import pandas as pd
+
+        history = pd.read_parquet(root / "history.parquet")
+        phases = history["phase"].value_counts().to_dict() if "phase" in history else {}
+        info["evolution"] = {"genomes": len(history), "phase1": phases.get(1), "phase2": phases.get(2),
+                             "best_fitness": float(history["fitness"].max()) if "fitness" in history else None}
+    health = next((_load_json(p) for p in sorted((root / "health").glob("*.json"))
+                   if "verdict" in _load_json(p)), {}) if (root / "health").is_dir() else {}
+    if health:
+        info["health"] = {"verdict": health["verdict"]}
+    return {k: v for k, v in info.items() if v not in (None, {}, [])}
