@@ -33,11 +33,11 @@ import yaml
 ROLES = ("father", "mother", "child")
 SCHEME_SERVE = {
     "mfp4": ("--quantization modelopt_fp4",
-             "NVIDIA ModelOpt, calibrated; NVFP4 on the MLP and expert linears only: attention, linear attention, "
-             "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM `--quantization modelopt_fp4`)"),
+             ("NVIDIA ModelOpt, calibrated; NVFP4 on the MLP and expert linears only: attention, linear attention, "
+             "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM `--quantization modelopt_fp4`)")),
     "nvfp4a16": ("",
-                 "weight-only round-to-nearest, compressed-tensors `nvfp4-pack-quantized`: linear attention, "
-                 "embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from config.json)"),
+                 ("weight-only round-to-nearest, compressed-tensors `nvfp4-pack-quantized`: linear attention, "
+                 "embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from config.json)")),
 }
 REPORTS = ("summary.json", "history.parquet", "evolution.png", "mri", "probes", "health", "merge_report.json")
 
@@ -95,9 +95,10 @@ def _lineage(info: dict) -> str:
 
 
 def _method(info: dict) -> str:
-    paragraphs = [f"## Method\n\nMerged with **{info.get('method', 'an evolutionary merge')}**: each tensor's mix of "
-                  "father and mother follows the genome below (CMA-ES searched it, scored on the fitness tasks), "
-                  "guided by the parents' MRI profiles."]
+    method = info.get("method", "an evolutionary merge")
+    intro = (f"## Method\n\nMerged with **{method}**: each tensor's mix of father and mother follows the genome "
+             "below (CMA-ES searched it, scored on the fitness tasks), guided by the parents' MRI profiles.")
+    paragraphs = [intro]
     if info.get("architecture"):
         paragraphs.append(f"Architecture: `{info['architecture']}`.")
     evo = info.get("evolution") or {}

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fsspec
@@ -58,7 +58,8 @@ def source_commit(start: str | Path | None = None) -> str | None:
     """The git commit of the darwin checkout (or of `start`), or None outside a git work tree."""
     where = Path(start) if start else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -117,7 +118,7 @@ def _check_destination(fs, root: str, dest: str) -> dict[str, int]:
             except FileNotFoundError as exc:
                 raise DarwinError(f"bucket {bucket!r} does not exist (destination {dest})") from exc
         found = fs.find(root, detail=True) if fs.exists(root) else {}
-    except Exception as exc:  # noqa: BLE001 - every storage failure becomes one line for the user
+    except Exception as exc:  # every storage failure becomes one line for the user
         raise _storage_error(exc, dest) from exc
     return {fs._strip_protocol(path): info.get("size") for path, info in found.items()}
 
@@ -163,14 +164,14 @@ def publish(source_dir: str | Path, dest: str, *, card: str | None = None, extra
                 or remote_sizes.get(fs._strip_protocol(f"{root}/{rel}")) != entry["size"]]
         if todo:
             _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurrency, chunksize, on_uploaded)
-    manifest = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    manifest = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 **(extra or {}), "files": [entries[rel] for rel in sorted(entries)],
                 "total_size": sum(entry["size"] for entry in entries.values())}
     try:
         fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         if fs.exists(f"{root}/{JOURNAL}"):
             fs.rm_file(f"{root}/{JOURNAL}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PublishInterrupted(f"all files are at {dest} but the manifest was not written "
                                  f"({_storage_error(exc, dest)}); re-run to finish") from exc
     return f"{dest.rstrip('/')}/{MANIFEST}"
@@ -187,7 +188,7 @@ def _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurr
         if fs.exists(f"{root}/{MANIFEST}"):
             fs.pipe_file(f"{root}/{JOURNAL}", json.dumps({"files": journal}).encode())
             fs.rm_file(f"{root}/{MANIFEST}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _storage_error(exc, dest) from exc
 
     def send(rel: str) -> None:
