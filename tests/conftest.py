@@ -13,6 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pico  # noqa: E402
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+# Prefect's console handler binds to sys.stderr when logging is set up: do it now, on the session's streams, so a
+# test using capsys cannot leave it writing to a closed capture.
+setup_logging()
 
 ARC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
 

@@ -2,7 +2,7 @@
 
 Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
 routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
-exclusions for everything the card keeps BF16, max calibration on a few prompts, then `export_hf_checkpoint`.
+exclusions for everything the card keeps BF16, max calibration on a few prompts (the shipped probe prompts unless given), then `export_hf_checkpoint`.
 The export is the layout vLLM loads with `--quantization modelopt_fp4`: per quantized linear `weight` (uint8, two
 E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and
 `input_scale` (float32); `hf_quant_config.json` and config.json `quantization_config` name the excluded modules.
@@ -24,19 +24,12 @@ import torch
 
 from darwin.checkpoint import Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
+from darwin.probes import load_probes
 from darwin.quantize import check_source
+from darwin.runtime import pick_device
 
 BACKEND = "darwin_nvfp4_torch"
 BLOCK = 16
-
-# Probe-like prompts, one per probe area; a release calibrates on the run's own set when it has one.
-DEFAULT_CALIBRATION = [
-    "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies? Explain step by step.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Solve for x: 3x + 7 = 22. Then compute x squared minus 4.",
-    "The capital of Australia is Canberra, and the largest desert in the world is",
-    "Translate into French and then explain the grammar: 'The children were playing in the garden.'",
-]
 
 # Everything the card keeps BF16, named as in Qwen3.5 (dense and MoE, split or fused projections) and the
 # decoder families; ModelOpt matches these against quantizer names, later entries win.
@@ -71,30 +64,23 @@ def quant_config(cpu: bool) -> dict:
     return config
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise DarwinError(f"unknown device {device!r} (devices: auto, cpu, cuda)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DarwinError("--device cuda was asked for but no CUDA device is available")
-    return device
-
-
 def _load(ckpt: Checkpoint, device: str):
     import transformers
 
     architectures = ckpt.config.get("architectures") or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    model_cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModelForCausalLM
     if model_cls is None:
-        raise DarwinError(f"{ckpt.path}/config.json names no transformers architecture ({architectures}); "
-                          "ModelOpt needs the model class to build and export it")
+        raise DarwinError(f"{ckpt.path}/config.json names architecture {architectures[0]!r}, which transformers "
+                          f"{transformers.__version__} does not have")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.path)
     except (OSError, ValueError) as exc:
         raise DarwinError(f"{ckpt.path} has no tokenizer to encode the calibration prompts: "
                           f"{str(exc).splitlines()[0][:160]}") from None
     model = model_cls.from_pretrained(ckpt.path, dtype=torch.bfloat16, device_map=device).eval()
+    # ModelOpt's export iterates config.architectures: a TypeError where it is None (a model saved from a bare
+    # config), and the class name is what vLLM dispatches on.
+    model.config.architectures = [type(model).__name__]
     return model, tokenizer
 
 
@@ -109,8 +95,8 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
 
     ckpt = Checkpoint(model)
     check_source(ckpt)
-    device = _device(device)
-    prompts = calibration or DEFAULT_CALIBRATION
+    device = pick_device(device)
+    prompts = calibration or [prompt for prompts in load_probes().values() for prompt in prompts]
     if Path(out).exists():
         raise DarwinError(f"output already exists: {out}")
     hf_model, tokenizer = _load(ckpt, device)

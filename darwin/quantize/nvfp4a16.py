@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -46,6 +47,15 @@ def compress_weight(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(NVFP4PackedCompressor.compress(state, SCHEME))
 
 
+def ignore_pattern(module: str) -> str:
+    """The compressed-tensors ignore entry of one module kept BF16, written to survive the loaders' renames:
+    transformers' AutoModelForCausalLM loads a multimodal Qwen3.5's `model.language_model.layers.*` as
+    `model.layers.*`, vLLM as `language_model.model.layers.*`. An exact name would stop matching there and the
+    module would be built quantized, its BF16 weight dropped and re-initialised (a load-report line, no error)."""
+    tail = re.sub(r"^(model\.)?(language_model\.)?", "", module)
+    return "re:(.*\\.)?" + re.escape(tail) + "$"
+
+
 def quantization_config(ignore: list[str]) -> dict:
     """The `quantization_config` entry of config.json, as compressed-tensors writes it for a compressed model."""
     config = QuantizationConfig(
@@ -72,7 +82,7 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
             else:
                 writer.add(name, tensor)
                 if name.endswith(".weight") and len(info.shape) >= 2:
-                    ignore.append(name.removesuffix(".weight"))
+                    ignore.append(ignore_pattern(name.removesuffix(".weight")))
         copy_side_files(ckpt.path, writer.tmp)
         config = dict(ckpt.config, quantization_config=quantization_config(sorted(ignore)))
         writer.write_text("config.json", json.dumps(config, indent=2))

@@ -125,3 +125,13 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
     }
     (quantized.path / "roundtrip.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def roundtrip_table(report: dict) -> list[dict]:
+    """One row per quantized tensor, then the overall row: the roundtrip as a table for reports and artifacts."""
+    columns = ("max_abs_error", "mean_abs_error", "relative_frobenius", "bytes_before", "bytes_after")
+    rows = [{"tensor": row["name"], "kind": row["kind"], **{c: row[c] for c in columns}} for row in report["tensors"]]
+    overall = report["overall"]
+    rows.append({"tensor": f"overall ({overall['quantized_tensors']} quantized, {overall['kept_tensors']} kept)",
+                 "kind": "all", **{c: overall[c] for c in columns}})
+    return rows

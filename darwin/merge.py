@@ -1,0 +1,264 @@
+"""The merge engine: plan every tensor from the genome, then stream the merge tensor by tensor.
+
+Methods are pure functions over float32 chunks of the flattened tensors, in one registry keyed by the method
+name of the run config. The engine reads the next tensors while it computes the current one and writes the
+previous one (threads), so a merge costs about as much as copying a checkpoint. Masks come from
+`darwin.masks` (counter-based), so the same genome gives the same bytes on any device, worker or order.
+
+Forms (SPEC.md "Merge"), with r the tensor's final ratio:
+- darwin (father A is the base):  A + (B - A) * keep_b * r
+- dare-ties (explicit base C):    task vectors A-C, B-C; DARE drop with density_a / density_b and rescale by
+  1/density; weights (1-r, r); TIES sign election by the sign of the weighted sum; the agreeing weighted deltas
+  summed and divided by the sum of their weights, as mergekit's dare_ties does with `normalize: true`.
+- V6 genomes blend: w * form + (1 - w) * (A + (B - A) * r), w = merge_method_weight.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from darwin import masks, prescribe
+from darwin.checkpoint import Checkpoint, CheckpointWriter, check_compatible
+from darwin.errors import DarwinError
+from darwin.genome import Genome
+from darwin.mri import tensor_stats
+from darwin.prescribe import ParentSignals
+
+REPORT_NAME = "merge_report.json"
+
+
+def darwin_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
+    return a + torch.where(keep_b, (b - a) * r, 0.0)
+
+
+def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
+    weight_a, weight_b = 1.0 - r, r
+    delta_a = torch.where(keep_a, (a - base) * (weight_a / density_a), 0.0) if density_a > 0 else torch.zeros_like(a)
+    delta_b = torch.where(keep_b, (b - base) * (weight_b / density_b), 0.0) if density_b > 0 else torch.zeros_like(b)
+    elected = torch.where(delta_a + delta_b >= 0, 1.0, -1.0)
+    agree_a, agree_b = torch.sign(delta_a) == elected, torch.sign(delta_b) == elected
+    mixed = torch.where(agree_a, delta_a, 0.0) + torch.where(agree_b, delta_b, 0.0)
+    divisor = torch.where(agree_a, weight_a, 0.0) + torch.where(agree_b, weight_b, 0.0)
+    return base + mixed / torch.where(divisor == 0, 1.0, divisor)
+
+
+@dataclass(frozen=True)
+class Method:
+    form: Callable
+    needs_base: bool
+    genome: str | None  # the genome version the method requires (None: either)
+
+
+METHODS = {
+    "darwin-v5": Method(darwin_form, needs_base=False, genome="v5"),
+    "darwin-v6": Method(darwin_form, needs_base=False, genome="v6"),
+    "dare-ties": Method(dare_ties_form, needs_base=True, genome=None),
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shard: str
+    kind: str
+    block: int | None
+    genome_ratio: float
+
+
+@dataclass
+class MergePlan:
+    """Everything the merge needs besides the bytes: pure data, also the skeleton of merge_report.json."""
+
+    method: str
+    genome: Genome
+    father: Checkpoint
+    mother: Checkpoint
+    base: Checkpoint | None
+    tensors: list[TensorPlan]
+    mri_a: dict[str, dict] = field(default_factory=dict)
+    mri_b: dict[str, dict] = field(default_factory=dict)
+    signals_a: ParentSignals = ParentSignals()
+    signals_b: ParentSignals = ParentSignals()
+
+    @property
+    def shards(self) -> list[str]:
+        return list(dict.fromkeys(t.shard for t in self.tensors))
+
+
+def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: str, base: Checkpoint | None = None,
+               mri_a: dict[str, dict] | None = None, mri_b: dict[str, dict] | None = None,
+               signals_a: ParentSignals | None = None, signals_b: ParentSignals | None = None) -> MergePlan:
+    """Check the inputs and fix each tensor's kind, block and genome ratio; nothing is read or written yet."""
+    spec = METHODS.get(method)
+    if spec is None:
+        raise DarwinError(f"unknown merge method {method!r} (choose from {', '.join(METHODS)})")
+    if spec.genome and genome.version != spec.genome:
+        raise DarwinError(f"method {method} needs a {spec.genome} genome, got a {genome.version} genome")
+    if spec.needs_base and base is None:
+        raise DarwinError(f"method {method} needs the shared base model (--base)")
+    check_compatible(father, mother, base)
+    layers = father.num_layers
+    tensors = []
+    for name, info in father.tensors.items():
+        kind, block = father.kind(name)
+        tensors.append(TensorPlan(name, info.shard, kind, block, genome.ratio(kind, block, layers)))
+    return MergePlan(method, genome, father, mother, base, tensors, mri_a or {}, mri_b or {},
+                     signals_a or ParentSignals(), signals_b or ParentSignals())
+
+
+def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
+                  final: float, device: str) -> torch.Tensor:
+    genome, spec = plan.genome, METHODS[plan.method]
+    density_a, density_b = genome["density_a"], genome["density_b"]
+    blend = genome.merge_method_weight()
+    seed = masks.tensor_seed(genome.hash, tp.name)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    flat_base = base.reshape(-1) if base is not None else None
+    out = torch.empty(a.numel(), dtype=a.dtype)
+    for start in range(0, a.numel(), masks.CHUNK):
+        stop = min(a.numel(), start + masks.CHUNK)
+        ca = flat_a[start:stop].to(device=device, dtype=torch.float32)
+        cb = flat_b[start:stop].to(device=device, dtype=torch.float32)
+        cbase = flat_base[start:stop].to(device=device, dtype=torch.float32) if flat_base is not None else None
+        keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None, density_b,
+                                          device)
+        merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
+        if blend != 1.0:
+            merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
+        out[start:stop] = merged.to(a.dtype).cpu()
+    return out.reshape(a.shape)
+
+
+def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
+                 device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """One output tensor and its merge-report entry."""
+    row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
+    if not a.is_floating_point():
+        return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
+    stats_a = plan.mri_a.get(tp.name) or tensor_stats(a.to(device))
+    stats_b = plan.mri_b.get(tp.name) or tensor_stats(b.to(device))
+    ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
+                                                         plan.signals_a, plan.signals_b)
+    final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
+    donor = prescribe.dead_expert_donor(tp.name, tp.block, plan.signals_a, plan.signals_b)
+    chosen = donor or prescribe.transplant(final, plan.genome.version)
+    row.update(mri_ratio=round(ratio, 6), final_ratio=round(final, 6), transplant=chosen)
+    if probe_a is not None:
+        row.update(probe_father=probe_a, probe_mother=probe_b)
+    if donor:
+        row["dead_expert_donor"] = donor
+    if chosen == "father":
+        return a, row
+    if chosen == "mother":
+        return b, row
+    return _merge_values(plan, tp, a, b, base, final, device), row
+
+
+def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
+                   ) -> Iterator[tuple[str, torch.Tensor, dict]]:
+    """(name, tensor, report entry) in plan order; the next tensors are read while this one is merged."""
+    todo = [tp for tp in plan.tensors if names is None or tp.name in set(names)]
+
+    def read(tp: TensorPlan):
+        return (plan.father.read(tp.name), plan.mother.read(tp.name),
+                plan.base.read(tp.name) if plan.base is not None else None)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-read") as reader:
+        pending = reader.submit(read, todo[0]) if todo else None
+        for index, tp in enumerate(todo):
+            a, b, base = pending.result()
+            if index + 1 < len(todo):
+                pending = reader.submit(read, todo[index + 1])
+            tensor, row = merge_tensor(plan, tp, a, b, base, device)
+            yield tp.name, tensor, row
+
+
+def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None) -> dict:
+    return {
+        "method": plan.method,
+        "genome": dict(plan.genome.genes),
+        "genome_hash": plan.genome.hash,
+        "parents": {"father": str(plan.father.path), "mother": str(plan.mother.path),
+                    "base": str(plan.base.path) if plan.base is not None else None},
+        "mri_trust": plan.genome.mri_trust(),
+        "merge_method_weight": plan.genome.merge_method_weight(),
+        "seconds": seconds,
+        "tensors": rows,
+    }
+
+
+def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrite: bool = False) -> Path:
+    """Write the child as an HF checkpoint with the father's shard layout, plus merge_report.json.
+
+    Everything goes to a temporary sibling directory renamed into place at the end: a failed merge leaves no OUT.
+    """
+    started = time.perf_counter()
+    writer = CheckpointWriter(out, template=plan.father.path, overwrite=overwrite,
+                              metadata={"genome_hash": plan.genome.hash, "merge_method": plan.method})
+    rows: dict[str, dict] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-write") as write_pool:
+            last_write = None
+            for shard in plan.shards:
+                specs = [(tp.name, plan.father.tensors[tp.name].dtype, plan.father.tensors[tp.name].shape)
+                         for tp in plan.tensors if tp.shard == shard]
+                stream = writer.shard(shard, specs)
+                for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device):
+                    if last_write is not None:
+                        last_write.result()  # at most one tensor waits for the disk: memory stays bounded
+                    last_write = write_pool.submit(stream.write, name, tensor)
+                    rows[name] = row
+                if last_write is not None:
+                    last_write.result()
+                    last_write = None
+                stream.close()
+        writer.write_text(REPORT_NAME, json.dumps(report(plan, rows, round(time.perf_counter() - started, 3)),
+                                                  indent=1))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
+    """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory)."""
+    state = model.state_dict()
+    missing = [tp.name for tp in plan.tensors if tp.name not in state]
+    if missing:
+        raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
+    rows = {}
+    with torch.no_grad():
+        for name, tensor, row in merged_tensors(plan, device=device):
+            state[name].copy_(tensor)
+            rows[name] = row
+    return rows
+
+
+def load_mri(path: str | Path | None) -> dict[str, dict]:
+    """Per-tensor statistics of a parent from a `darwin profile` output, keyed by tensor name."""
+    if path is None:
+        return {}
+    from darwin.mri import read_profile
+
+    frame = read_profile(Path(path))
+    return {row.name: {"norm": row.norm, "std": row.std, "entropy": row.entropy} for row in frame.itertuples()}
+
+
+def existing_merge(out: str | Path, genome: Genome, method: str) -> bool:
+    """True when OUT already holds this very merge (same genome_hash and method): merges are idempotent."""
+    path = Path(out) / REPORT_NAME
+    if not path.exists():
+        return False
+    done = json.loads(path.read_text())
+    return done.get("genome_hash") == genome.hash and done.get("method") == method
+
+
+__all__ = ["METHODS", "MergePlan", "TensorPlan", "plan_merge", "merge_to_dir", "merge_into_model", "merged_tensors",
+           "merge_tensor", "load_mri", "existing_merge", "report", "asdict"]

@@ -1,0 +1,114 @@
+"""Phase 0, static MRI: per-tensor norm, std and entropy, and the static scores of SPEC.md.
+
+Every statistic is computed in float32 on the tensor's device (CUDA when asked): `norm` is the Frobenius norm,
+`std` the unbiased standard deviation (0 for a single element, where torch.std is undefined), `entropy` the
+Shannon entropy in bits of a 256-bin histogram over [min, max] (0 for a constant tensor).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from darwin.checkpoint import Checkpoint, dtype_name
+
+BINS = 256
+COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
+SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, std, min(norm, 100)
+
+
+def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
+    x = tensor.detach().reshape(-1).float()
+    norm = torch.linalg.vector_norm(x)
+    std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
+    lo, hi = torch.aminmax(x)
+    if bool(lo == hi):
+        entropy = torch.zeros((), device=x.device)
+    else:
+        counts = torch.histc(x, bins=BINS, min=float(lo), max=float(hi))
+        p = counts[counts > 0] / x.numel()
+        entropy = -(p * torch.log2(p)).sum()
+    return {"norm": float(norm), "std": float(std), "entropy": float(entropy)}
+
+
+def static_score(stats: dict[str, float], version: str) -> float:
+    w_entropy, w_std, w_norm = SCORE_WEIGHTS[version]
+    return stats["entropy"] * w_entropy + stats["std"] * w_std + min(stats["norm"], 100.0) * w_norm
+
+
+def profile_shard(checkpoint: Checkpoint, shard: str, device: str = "cpu") -> list[dict]:
+    """One row per tensor of one shard; tensors are read and released one at a time."""
+    rows = []
+    for name in checkpoint.names(shard):
+        info = checkpoint.tensors[name]
+        kind, block = checkpoint.kind(name)
+        stats = tensor_stats(checkpoint.read(name).to(device))
+        rows.append({"name": name, "shard": shard, "kind": kind, "block": block, "dtype": dtype_name(info.dtype),
+                     "shape": list(info.shape), "numel": info.numel, **stats})
+    return rows
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["block"] = frame["block"].astype("Int64")
+    return frame
+
+
+def write_profile(frame: pd.DataFrame, out: Path) -> Path:
+    """`mri.parquet` plus `mri.png` (layer x kind heatmaps of entropy and std), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".mri.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out / "mri.parquet")
+    (out / ".mri.png.tmp").write_bytes(heatmap_png(frame))
+    (out / ".mri.png.tmp").replace(out / "mri.png")
+    return out / "mri.parquet"
+
+
+def read_profile(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    return pd.read_parquet(path / "mri.parquet" if path.is_dir() else path)
+
+
+def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean of a statistic per decoder layer (rows) and kind (columns)."""
+    layered = frame.dropna(subset=["block"])
+    return layered.pivot_table(index="block", columns="kind", values=column, aggfunc="mean").sort_index()
+
+
+def heatmap_png(frame: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = ("entropy", "std")
+    fig, axes = plt.subplots(1, len(stats), figsize=(11, 0.25 * max(8, frame["block"].nunique()) + 2))
+    for ax, column in zip(axes, stats):
+        table = layer_table(frame, column)
+        if table.empty:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(table.columns)), table.columns, rotation=45, ha="right")
+        step = max(1, math.ceil(len(table.index) / 20))
+        ax.set_yticks(range(0, len(table.index), step), table.index[::step])
+        ax.set_ylabel("layer")
+        ax.set_title(f"{column} (mean per layer and kind)")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def summary_table(frame: pd.DataFrame) -> list[dict]:
+    """Per kind: tensor count, parameters and mean statistics (the artifact a person reads first)."""
+    grouped = frame.groupby("kind").agg(tensors=("name", "count"), params=("numel", "sum"), norm=("norm", "mean"),
+                                        std=("std", "mean"), entropy=("entropy", "mean")).reset_index()
+    return grouped.round(4).to_dict(orient="records")

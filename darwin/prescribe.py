@@ -1,0 +1,98 @@
+"""Prescription: from the parents' MRI to each tensor's final ratio and transplant decision (SPEC.md).
+
+V5: static scores `entropy*0.5 + std*0.3 + min(norm,100)*0.002`, `final = 0.7*mri + 0.3*genome`, transplant
+below 0.05 / above 0.95. V6: static scores with weights 0.3/0.2/0.002, `combined = static*0.4 + probe*0.6` where
+the probe score is the probe-weighted importance of the tensor's layer (tensors outside the decoder layers, or
+runs without probes, use the static score alone), `final = mri*mri_trust + genome*(1 - mri_trust)`, transplant
+below 0.15 / above 0.85. Dead experts: an expert dead in one parent and alive in the other is transplanted from
+the live parent, whatever the ratios say (the V5 35B card's donor rule, made exact).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from darwin.mri import static_score
+
+THRESHOLDS = {"v5": (0.05, 0.95), "v6": (0.15, 0.85)}
+EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParentSignals:
+    """What the MRI knows of one parent beyond the tensor in hand: probe score per layer, dead experts."""
+
+    probe: dict[int, float] | None = None
+    dead_experts: dict[int, set[int]] | None = None
+
+
+def mri_ratio(score_a: float, score_b: float) -> float:
+    total = score_a + score_b
+    return score_b / total if total > 0 else 0.5
+
+
+def combined_score(static: float, probe: float | None) -> float:
+    return static if probe is None else static * 0.4 + probe * 0.6
+
+
+def tensor_mri_ratio(stats_a: dict, stats_b: dict, version: str, block: int | None,
+                     signals_a: ParentSignals, signals_b: ParentSignals) -> tuple[float, float | None, float | None]:
+    """(mri_ratio, probe score of A, probe score of B) for one tensor."""
+    score_a, score_b = static_score(stats_a, version), static_score(stats_b, version)
+    probe_a = probe_b = None
+    if version == "v6" and block is not None and signals_a.probe and signals_b.probe:
+        probe_a, probe_b = signals_a.probe.get(block), signals_b.probe.get(block)
+        if probe_a is not None and probe_b is not None:
+            score_a, score_b = combined_score(score_a, probe_a), combined_score(score_b, probe_b)
+    return mri_ratio(score_a, score_b), probe_a, probe_b
+
+
+def final_ratio(mri: float, genome_ratio: float, trust: float) -> float:
+    return mri * trust + genome_ratio * (1.0 - trust)
+
+
+def transplant(final: float, version: str) -> str | None:
+    low, high = THRESHOLDS[version]
+    if final < low:
+        return "father"
+    if final > high:
+        return "mother"
+    return None
+
+
+def dead_expert_donor(name: str, block: int | None, signals_a: ParentSignals,
+                      signals_b: ParentSignals) -> str | None:
+    """The live parent of an expert dead in exactly one parent, else None."""
+    match = EXPERT_INDEX.search(name)
+    if match is None or block is None:
+        return None
+    expert = int(match.group(1))
+    dead_a = expert in (signals_a.dead_experts or {}).get(block, set())
+    dead_b = expert in (signals_b.dead_experts or {}).get(block, set())
+    if dead_a and not dead_b:
+        return "mother"
+    if dead_b and not dead_a:
+        return "father"
+    return None
+
+
+def load_signals(probe_dir: str | None) -> ParentSignals:
+    """A parent's probe scores per layer and dead experts from a `darwin probe` output directory."""
+    if probe_dir is None:
+        return ParentSignals()
+    from pathlib import Path
+
+    import pandas as pd
+
+    from darwin import moe, probes
+    from darwin.errors import DarwinError
+
+    directory = Path(probe_dir)
+    if not (directory / "probes.parquet").exists():
+        raise DarwinError(f"no probes.parquet in {directory} (run `darwin probe` first)")
+    routing = directory / "routing.parquet"
+    return ParentSignals(
+        probe=probes.probe_scores(pd.read_parquet(directory / "probes.parquet")),
+        dead_experts=moe.dead_expert_map(pd.read_parquet(routing)) if routing.exists() else None,
+    )

@@ -1,0 +1,59 @@
+"""`darwin merge`: one child from two parents and a genome, streamed tensor by tensor.
+
+    darwin merge --father A --mother B --genome GENOME.json --method darwin-v5|darwin-v6|dare-ties [--base C]
+                 [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
+                 [--device cpu|cuda] --out OUT
+
+This command calls the engine directly (no Prefect import), so it starts as fast as torch does; the evolution
+flow runs the same engine through `tasks.merge.merge_child`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from darwin.checkpoint import Checkpoint
+from darwin.genome import Genome
+from darwin.merge import METHODS, load_mri, merge_to_dir, plan_merge
+from darwin.prescribe import load_signals
+from darwin.runtime import pick_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--father", required=True, help="parent A (the base of the darwin form)")
+    parser.add_argument("--mother", required=True, help="parent B")
+    parser.add_argument("--genome", required=True, help="JSON file of genes by their SPEC names")
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--base", help="the shared base model (dare-ties)")
+    parser.add_argument("--mri-father", help="`darwin profile` output of the father (else computed on the fly)")
+    parser.add_argument("--mri-mother", help="`darwin profile` output of the mother")
+    parser.add_argument("--probes-father", help="`darwin probe` output of the father (V6 probe scores, experts)")
+    parser.add_argument("--probes-mother", help="`darwin probe` output of the mother")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def command(args: argparse.Namespace) -> int:
+    genome = Genome.load(args.genome)
+    plan = plan_merge(
+        Checkpoint(args.father), Checkpoint(args.mother), genome, args.method,
+        base=Checkpoint(args.base) if args.base else None,
+        mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
+        signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother),
+    )
+    out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite)
+    report = json.loads((out / "merge_report.json").read_text())
+    transplants = sum(1 for row in report["tensors"].values() if row["transplant"])
+    print(f"{out}  genome {genome.hash[:12]}  {len(report['tensors'])} tensors, {transplants} transplanted, "
+          f"{report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["merge", *sys.argv[1:]]))

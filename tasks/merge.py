@@ -1,0 +1,44 @@
+"""Prefect task around the merge engine: retried on failure, idempotent because OUT is keyed by genome_hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from darwin.checkpoint import Checkpoint
+from darwin.errors import DarwinError
+from darwin.genome import Genome
+from darwin.merge import existing_merge, load_mri, merge_to_dir, plan_merge
+from darwin.prescribe import load_signals
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes, CUDA OOM and lost workers; a bad genome or mismatched parents fails at once."""
+    try:
+        state.result()
+    except DarwinError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _run_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"merge-{Genome.from_dict(task_run.parameters['genes']).hash[:12]}"
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
+      task_run_name=_run_name, tags=["gpu"])
+def merge_child(father: str, mother: str, genes: dict, method: str, out: str, base: str | None = None,
+                mri_father: str | None = None, mri_mother: str | None = None, probes_father: str | None = None,
+                probes_mother: str | None = None, device: str = "cpu") -> str:
+    genome = Genome.from_dict(genes)
+    if existing_merge(out, genome, method):
+        return out
+    plan = plan_merge(Checkpoint(father), Checkpoint(mother), genome, method,
+                      base=Checkpoint(base) if base else None, mri_a=load_mri(mri_father), mri_b=load_mri(mri_mother),
+                      signals_a=load_signals(probes_father), signals_b=load_signals(probes_mother))
+    return str(merge_to_dir(plan, Path(out), device=device, overwrite=True))

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pico
+from darwin.checkpoint import Checkpoint, CheckpointWriter, check_compatible, resolve
+from darwin.errors import DarwinError
+from flows.cli import main
+
+
+def test_reads_lazily_by_name_across_shards(pico_checkpoint):
+    path = pico_checkpoint("qwen3_5")
+    checkpoint = Checkpoint(path)
+    assert len(checkpoint.shards) > 5
+    model = pico.build("qwen3_5")
+    state = model.state_dict()
+    for name in ["model.language_model.layers.1.self_attn.q_proj.weight", "model.visual.blocks.0.attn.qkv.weight"]:
+        assert torch.equal(checkpoint.read(name), state[name])
+    assert checkpoint.tensors["mtp.fc.weight"].shape == (64, 128)
+    assert checkpoint.num_layers == 4
+
+
+def test_single_file_checkpoint(tmp_path):
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4)}, tmp_path / "model.safetensors")
+    assert Checkpoint(tmp_path).read("model.layers.0.mlp.up_proj.weight").sum() == 16
+
+
+def test_pickle_checkpoints_are_refused_unless_asked(tmp_path):
+    torch.save({"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(DarwinError, match="pickle"):
+        Checkpoint(tmp_path)
+    assert Checkpoint(tmp_path, allow_pickle=True).read("model.layers.0.mlp.up_proj.weight").shape == (2, 2)
+
+
+def test_bad_inputs_name_the_file(tmp_path, pico_checkpoint):
+    with pytest.raises(DarwinError, match="does not exist"):
+        Checkpoint(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    source = pico_checkpoint("llama")
+    for item in source.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DarwinError, match=f"truncated shard .*{shard.name}"):
+        Checkpoint(broken)
+    shard.unlink()
+    with pytest.raises(DarwinError, match=f"missing file: {shard.name}"):
+        Checkpoint(broken)
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DarwinError, match="could not be fetched from the Hugging Face hub"):
+        resolve("darwin-test-org/not-a-real-model")
+
+
+def test_fsspec_url_is_copied_once(pico_checkpoint, tmp_path, monkeypatch):
+    import darwin.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "REMOTE_CACHE", tmp_path / "cache")
+    url = f"memory://models/llama"
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(pico_checkpoint("llama")) + "/", "/models/llama", recursive=True)
+    first = Checkpoint(url)
+    assert first.read("lm_head.weight").shape == (pico.VOCAB, 64)
+    assert resolve(url) == first.path
+
+
+def test_writer_is_atomic_and_streams_shards(tmp_path, pico_checkpoint):
+    out = tmp_path / "child"
+    template = pico_checkpoint("llama")
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(out, template=template) as writer:
+            writer.add("a", torch.ones(3))
+            raise RuntimeError("boom")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    with CheckpointWriter(out, template=template, max_shard_bytes=32) as writer:
+        for i in range(5):
+            writer.add(f"t{i}", torch.full((8,), float(i), dtype=torch.bfloat16))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00003.safetensors",
+                                                         "model-00002-of-00003.safetensors",
+                                                         "model-00003-of-00003.safetensors"]
+    assert (out / "config.json").exists()
+    assert Checkpoint(out).read("t4").tolist() == [4.0] * 8
+    with pytest.raises(DarwinError, match="already exists"):
+        CheckpointWriter(out)
+
+
+def test_compatibility_names_the_first_mismatches(pico_checkpoint):
+    llama, qwen = Checkpoint(pico_checkpoint("llama")), Checkpoint(pico_checkpoint("qwen3"))
+    with pytest.raises(DarwinError, match="father and mother do not match: architectures"):
+        check_compatible(llama, qwen)
+    check_compatible(llama, Checkpoint(pico_checkpoint("llama", perturb=1)))
+
+
+def test_cli_bad_path_is_one_line(tmp_path, capsys):
+    assert main(["profile", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model path does not exist" in err[0]

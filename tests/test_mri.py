@@ -1,0 +1,74 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from darwin import mri
+from darwin.checkpoint import Checkpoint
+from flows.cli import main
+
+
+def direct_stats(t: torch.Tensor) -> dict:
+    """An independent computation of SPEC.md's statistics, in float64 with numpy's histogram."""
+    import numpy as np
+
+    x = t.double().numpy().reshape(-1)
+    counts, _ = np.histogram(x, bins=256, range=(x.min(), x.max()))
+    p = counts[counts > 0] / x.size
+    return {"norm": float(np.sqrt((x ** 2).sum())), "std": float(x.std(ddof=1)),
+            "entropy": float(-(p * np.log2(p)).sum()) if x.max() > x.min() else 0.0}
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(64, 48, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+    torch.rand(1000, generator=torch.Generator().manual_seed(2)) * 7 - 3,
+    torch.arange(12.0).reshape(3, 4),
+])
+def test_stats_match_a_direct_computation(tensor):
+    got, want = mri.tensor_stats(tensor), direct_stats(tensor)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), key
+
+
+def test_constant_tensor_has_zero_entropy_and_uniform_has_eight_bits():
+    assert mri.tensor_stats(torch.full((10, 10), 3.0))["entropy"] == 0.0
+    assert mri.tensor_stats(torch.arange(256 * 4).float())["entropy"] == pytest.approx(8.0)
+
+
+def test_static_scores_follow_spec():
+    stats = {"entropy": 6.0, "std": 0.5, "norm": 150.0}
+    assert mri.static_score(stats, "v5") == pytest.approx(6 * 0.5 + 0.5 * 0.3 + 100 * 0.002)
+    assert mri.static_score(stats, "v6") == pytest.approx(6 * 0.3 + 0.5 * 0.2 + 100 * 0.002)
+
+
+def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.profile import profile_flow
+
+    path = pico_checkpoint("qwen3_5")
+    checkpoint = Checkpoint(path)
+    out = profile_flow(str(path), str(tmp_path / "mri"), device="cpu", label="father")
+    frame = pd.read_parquet(out)
+    assert set(mri.COLUMNS) <= set(frame.columns)
+    assert len(frame) == len(checkpoint.tensors)
+    assert set(frame["shard"]) == set(checkpoint.shards)
+    row = frame.set_index("name").loc["model.language_model.layers.2.mlp.up_proj.weight"]
+    assert (row["kind"], row["block"], row["numel"]) == ("mlp", 2, 64 * 128)
+    assert row["std"] == pytest.approx(direct_stats(checkpoint.read(row.name))["std"], rel=1e-4)
+    assert (tmp_path / "mri" / "mri.png").read_bytes()[:4] == b"\x89PNG"
+
+    import anyio
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    assert {"mri-father", "mri-father-heatmap"} <= anyio.run(artifact_keys)
+
+
+def test_profile_cli(prefect_api, pico_checkpoint, tmp_path):
+    assert main(["profile", str(pico_checkpoint("llama")), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    frame = pd.read_parquet(tmp_path / "p" / "mri.parquet")
+    assert math.isfinite(frame["entropy"].sum()) and (frame["kind"] != "other").all()
