@@ -149,7 +149,7 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tens
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
     donor = prescribe.dead_expert_donor(tp.name, tp.block, plan.signals_a, plan.signals_b)
     chosen = donor or prescribe.transplant(final, plan.genome.version)
-    row.update(mri_ratio=round(ratio, 6), final_ratio=round(final, 6), transplant=chosen)
+    row.update(mri_ratio=ratio, final_ratio=final, transplant=chosen)
     if probe_a is not None:
         row.update(probe_father=probe_a, probe_mother=probe_b)
     if donor:
