@@ -1,0 +1,71 @@
+"""Phase 3 flow, health check: the child's probe importance against both parents', layer by layer.
+
+    darwin health CHILD --father A --mother B --out DIR [--interference 1.5] [--function-loss 0.5] [--probes DIR]
+
+Probes the three models (DIR/child, DIR/father, DIR/mother hold their probes.parquet; a parent already probed
+with `darwin probe` can be given as that output directory with --father-probes / --mother-probes), then writes
+DIR/health.json (per-layer values, flags, verdict) and DIR/health.png. Exit code 0 on pass, 3 on fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+
+from darwin.checkpoint import Checkpoint
+from darwin.health import check_thresholds
+from darwin.probes import load_probes, read_importance
+from darwin.runtime import pick_device
+from tasks.probe import health_check, probe_model
+
+FAIL_EXIT = 3
+
+
+@flow(name="darwin-health", log_prints=True)
+def health_flow(child: str, father: str, mother: str, out: str, interference: float = 1.5,
+                function_loss: float = 0.5, probes_dir: str | None = None, device: str = "auto",
+                father_probes: str | None = None, mother_probes: str | None = None) -> dict:
+    child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child")
+    father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device, "father")
+    mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device, "mother")
+    return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("child", help="the merged child: local directory, hub id, or fsspec URL")
+    parser.add_argument("--father", required=True, help="parent A")
+    parser.add_argument("--mother", required=True, help="parent B")
+    parser.add_argument("--out", required=True, help="directory for health.json and health.png")
+    parser.add_argument("--interference", type=float, default=1.5, help="flag child > X * max(parents)")
+    parser.add_argument("--function-loss", type=float, default=0.5, help="flag child < X * min(parents)")
+    parser.add_argument("--probes", help="directory of NAME.txt probe sets (replaces the shipped sets)")
+    parser.add_argument("--father-probes", help="`darwin probe` output of the father, reused instead of probing")
+    parser.add_argument("--mother-probes", help="`darwin probe` output of the mother, reused instead of probing")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def command(args: argparse.Namespace) -> int:
+    # Bad input fails here, before Prefect starts.
+    for model in (args.child, args.father, args.mother):
+        Checkpoint(model)
+    for given in (args.father_probes, args.mother_probes):
+        if given:
+            read_importance(given)
+    check_thresholds(args.interference, args.function_loss)
+    load_probes(args.probes)
+    pick_device(args.device)
+    report = health_flow(args.child, args.father, args.mother, args.out, args.interference, args.function_loss,
+                         args.probes, args.device, args.father_probes, args.mother_probes)
+    flagged = {flag: report[flag] for flag in ("interference", "function_loss") if report[flag]}
+    print(f"health {report['verdict']}: {flagged or 'no layer flagged'} ({Path(args.out) / 'health.json'})")
+    return 0 if report["verdict"] == "pass" else FAIL_EXIT
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["health", *sys.argv[1:]]))

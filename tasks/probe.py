@@ -1,0 +1,59 @@
+"""Prefect tasks of the functional MRI: probe layer importance and MoE routing (one GPU task per model each),
+and the Phase 3 health check over three importance tables. Each publishes a table and a markdown artifact."""
+
+from __future__ import annotations
+
+import re
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from darwin import health, moe, probes
+from tasks.merge import retry_unless_user_error
+
+
+def _key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error, timeout_seconds=4 * 3600,
+      task_run_name="probe-{label}", tags=["gpu"])
+def probe_model(model: str, out: str, probes_dir: str | None = None, device: str = "auto", label: str = "model",
+                trust_remote_code: bool = False) -> str:
+    loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
+    frame = probes.layer_importance(loaded, tokenizer, probes.load_probes(probes_dir))
+    path = probes.write_importance(frame, out)
+    create_table_artifact(key=_key("probes", label), table=probes.importance_table(frame),
+                          description=f"probe importance per layer of {label} ({path})")
+    create_markdown_artifact(key=_key("probes", label, "summary"), markdown=probes.importance_markdown(frame, label))
+    return str(path)
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error, timeout_seconds=4 * 3600,
+      task_run_name="routing-{label}", tags=["gpu"])
+def routing_stats(model: str, out: str, calibration: str | None = None, probes_dir: str | None = None,
+                  device: str = "auto", label: str = "model", trust_remote_code: bool = False) -> str | None:
+    """`routing.parquet` for a model with routed experts; None (nothing loaded) for a dense one."""
+    if not moe.checkpoint_has_experts(model):
+        return None
+    texts = probes.load_texts(calibration) if calibration else [
+        prompt for prompts in probes.load_probes(probes_dir).values() for prompt in prompts]
+    loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
+    frame = moe.routing_stats(loaded, tokenizer, texts)
+    path = moe.write_routing(frame, out)
+    create_table_artifact(key=_key("routing", label), table=moe.routing_table(frame),
+                          description=f"MoE routing per layer of {label}: {frame.attrs['dead_rule']} ({path})")
+    create_markdown_artifact(key=_key("routing", label, "summary"), markdown=moe.routing_markdown(frame, label))
+    return str(path)
+
+
+@task(task_run_name="health-check")
+def health_check(child: str, father: str, mother: str, out: str, interference: float = 1.5,
+                 function_loss: float = 0.5) -> dict:
+    report = health.health_check(*(probes.read_importance(path) for path in (child, father, mother)),
+                                 interference=interference, function_loss=function_loss)
+    health.write_health(report, out)
+    create_table_artifact(key="health", table=report["layers"], description=f"health check: {report['verdict']}")
+    create_markdown_artifact(key="health-summary", markdown=health.health_markdown(report))
+    return report
