@@ -108,3 +108,42 @@ def test_write_importance_files(tmp_path, tokenizer):
     pd.testing.assert_frame_equal(probes.read_importance(tmp_path / "out"), frame)
     assert (tmp_path / "out" / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["probes.parquet", "probes.png"]
+
+
+def write_probe_dir(path, sets: dict[str, list[str]]):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, prompts in sets.items():
+        (path / f"{name.lower()}.txt").write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def test_probe_flow_writes_importance_and_routing_of_a_moe_model(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.probe import probe_flow
+
+    model = picotok.save_beside(pico.save(pico.build("qwen3_5_moe_text"), tmp_path / "moe"))
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("one calibration text\n\nanother, a little longer, calibration text\n")
+    result = probe_flow(str(model), str(tmp_path / "out"), str(write_probe_dir(tmp_path / "p", SHORT_PROBES)),
+                        str(calibration), device="cpu", label="Mother MoE")
+    frame = pd.read_parquet(result["probes"])
+    assert set(frame["probe"]) == set(SHORT_PROBES) and sorted(frame["layer"].unique()) == [0, 1, 2, 3]
+    routing = pd.read_parquet(result["routing"])
+    assert routing.attrs["tokens"] == len("one calibration text") + len("another, a little longer, calibration text")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "probes.parquet", "probes.png", "routing.parquet", "routing.png"]
+    with get_client(sync_client=True) as client:
+        keys = {artifact.key for artifact in client.read_artifacts()}
+    assert {"probes-mother-moe", "probes-mother-moe-summary", "routing-mother-moe", "routing-mother-moe-summary"} <= keys
+
+
+def test_probe_command_on_a_dense_model_writes_no_routing(prefect_api, tmp_path):
+    from flows.cli import main
+
+    model = picotok.save_beside(pico.save(pico.build("llama"), tmp_path / "llama"))
+    probe_dir = write_probe_dir(tmp_path / "p", {"ONLY": ["a single probe prompt"]})
+    assert main(["probe", str(model), "--out", str(tmp_path / "out"), "--probes", str(probe_dir),
+                 "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["probes.parquet", "probes.png"]
+    assert main(["probe", str(model), "--out", str(tmp_path / "out"), "--probes", str(tmp_path / "none")]) == 2
