@@ -15,7 +15,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
