@@ -90,7 +90,7 @@ def _lineage(info: dict) -> str:
     lines += [f"{father}  (father)", "    │", "    ▼", f"{mother}  (mother)", "    │",
               f"    │   {info.get('method', 'evolutionary merge')}", "    ▼", f"{info.get('name', 'child')}  (child)"]
     for q in info.get("quantization") or []:
-        lines += ["    │", "    ▼", f"{q.get('path', q.get('scheme'))}  ({q.get('scheme')})"]
+        lines += ["    │", "    ▼", f"{info.get('name', 'child')}-{q.get('scheme')}  ({q.get('scheme')}, at {q.get('path')})"]
     return "\n".join(lines + ["```"])
 
 
@@ -214,20 +214,12 @@ def _hub_id(path: str | None) -> str | None:
 
 
 def _roundtrip(report: dict, path: str) -> dict:
-    """One quantization row from a roundtrip.json, reading the overall figures at the top level or under 'overall'."""
-    overall = {**report, **(report.get("overall") or {})}
-
-    def first(*keys):
-        return next((overall[k] for k in keys if overall.get(k) is not None), None)
-
-    kept = first("kept", "kept_bf16", "tensors_kept")
-    quantized = first("quantized", "tensors_quantized", "tensors")
-    return {"scheme": first("scheme"), "path": path,
-            "quantized": len(quantized) if isinstance(quantized, (list, dict)) else quantized,
-            "kept": len(kept) if isinstance(kept, (list, dict)) else kept,
-            "size_before": first("size_before", "bytes_before"), "size_after": first("size_after", "bytes_after"),
-            "max_abs_error": first("max_abs_error", "max_abs"), "mean_abs_error": first("mean_abs_error", "mean_abs"),
-            "rel_fro_error": first("rel_fro_error", "relative_frobenius", "rel_fro")}
+    """One quantization row from the `overall` block of a roundtrip.json (darwin.quantize.roundtrip)."""
+    overall = report.get("overall") or {}
+    return {"scheme": report.get("scheme"), "path": path, "quantized": overall.get("quantized_tensors"),
+            "kept": overall.get("kept_tensors"), "size_before": overall.get("bytes_before"),
+            "size_after": overall.get("bytes_after"), "max_abs_error": overall.get("max_abs_error"),
+            "mean_abs_error": overall.get("mean_abs_error"), "rel_fro_error": overall.get("relative_frobenius")}
 
 
 def _inside(path: Path, release: Path) -> str | None:

@@ -104,9 +104,11 @@ def run_dir(tmp_path, pico_checkpoint):
     quant = run / "quantized" / "nvfp4a16"
     quant.mkdir(parents=True)
     (quant / "model.safetensors").write_bytes(b"\x01" * 4096)
-    (quant / "roundtrip.json").write_text(json.dumps({
-        "scheme": "nvfp4a16", "overall": {"max_abs_error": 0.031, "mean_abs_error": 0.0012, "rel_fro_error": 0.094},
-        "size_before": 8_000_000, "size_after": 2_500_000, "quantized": 12, "kept_bf16": ["a", "b", "c"]}))
+    (quant / "roundtrip.json").write_text(json.dumps({  # the layout darwin.quantize.roundtrip writes
+        "scheme": "nvfp4a16", "source": str(run / "best"), "quantized": str(quant),
+        "overall": {"quantized_tensors": 12, "kept_tensors": 3, "max_abs_error": 0.031, "mean_abs_error": 0.0012,
+                    "relative_frobenius": 0.094, "bytes_before": 8_000_000, "bytes_after": 2_500_000},
+        "tensors": [], "kept": ["a", "b", "c"]}))
     return run
 
 
