@@ -104,11 +104,12 @@ def evaluate(
     tasks: Sequence[str | Path] | TaskSet,
     limit: int | None = None,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> EvalResult:
     """Score an in-memory causal LM on lm-eval tasks (names, task YAML paths, or a prepared TaskSet).
 
-    The model is moved to `device` in place. Pass a TaskSet when evaluating many models on the same tasks.
+    The model runs where it is, or is first moved (in place) to `device` when one is given: HFLM ignores its
+    own device argument for a live model. Pass a TaskSet when evaluating many models on the same tasks.
     """
     from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -116,7 +117,8 @@ def evaluate(
     start = time.perf_counter()
     task_set = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)
     loaded = task_set.loaded()
-    model.to(device)
+    if device is not None:
+        model.to(device)
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter reseeds the global RNGs and collects

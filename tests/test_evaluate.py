@@ -4,10 +4,9 @@ import shutil
 from pathlib import Path
 
 import pico
+import picotok
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from darwin.errors import DarwinError
 from darwin.evaluate import (
@@ -20,7 +19,7 @@ from darwin.evaluate import (
 from darwin.stats import mcnemar, spearman
 
 # Answers of very different lengths, so that length normalisation (acc_norm) changes some predictions.
-TOY = [
+SIMPLE = [
     ("What colour is the sky", ["blue", "a deep shade of green", "red", "the colour of old brass"], 0),
     ("How many legs has a cat", ["four", "two", "eleven and a half", "none at all"], 0),
     ("Which is a fruit", ["a ripe yellow banana", "rock", "iron", "the number seven"], 0),
@@ -32,19 +31,13 @@ TOY = [
     ("What do plants need", ["sunlight and water", "plastic", "loud music played all day", "oil"], 0),
     ("Which animal barks", ["a dog", "a goldfish swimming slowly", "an oak tree", "a snail"], 0),
 ]
+# the right answer moved to position i % 4
+TOY = [(q, c[-(i % 4):] + c[:-(i % 4)], i % 4) for i, (q, c, _) in enumerate(SIMPLE)]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """Byte-level, no merges: 256 byte tokens + eos, any text encodes, within pico's vocabulary."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<eos>"] = len(vocab)
-    assert len(vocab) <= pico.VOCAB
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return picotok.build()
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +84,7 @@ def test_evaluate_matches_direct_acc_norm(model, tokenizer, toy_task):
     result = evaluate(model, tokenizer, [toy_task], batch_size=4)
     acc, acc_norm = reference_predictions(model, tokenizer, TOY)
     assert acc != acc_norm, "the toy set should make length normalisation matter"
+    assert 0 < sum(acc_norm) < len(TOY), "the toy set should have right and wrong answers"
     assert result.per_question == {"toy": acc_norm}
     assert result.scores == {"toy": pytest.approx(sum(acc_norm) / len(TOY))}
     assert result.fitness == pytest.approx(result.scores["toy"])
