@@ -48,12 +48,13 @@ def test_a_router_that_never_selects_some_experts_reports_exactly_those_dead(tok
     assert "0.05 * top_k / num_experts" in frame.attrs["dead_rule"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text", "gemma4_moe_text"])
 def test_frequencies_count_top_k_selections_of_real_tokens(family, tokenizer):
     model = pico.build(family)
-    with torch.no_grad():  # pico Qwen3-MoE routers start at zero; give them something to route with
-        for layer in probes.decoder_layers(model):
-            layer.mlp.gate.weight.normal_(0, 0.5)
+    with torch.no_grad():  # pico Qwen3-MoE routers start at zero; give them all something to route with
+        for router, _ in moe.routers(model).values():
+            for weight in (p for p in router.parameters() if p.ndim == 2):
+                weight.normal_(0, 0.5)
     frame = moe.routing_stats(model, tokenizer, TEXTS, batch_size=2)
     real_tokens = sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])
     assert frame.attrs["tokens"] == real_tokens
