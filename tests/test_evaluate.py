@@ -1,6 +1,8 @@
 import json
 import math
+import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pico
@@ -101,6 +103,16 @@ def test_limit_and_two_tasks_average(model, tokenizer, toy_task, tmp_path):
     assert result.per_question == {"toy": toy_norm, "toy_rev": rev_norm}
     assert result.fitness == pytest.approx((sum(toy_norm) + sum(rev_norm)) / 8)
     assert evaluate(model, tokenizer, tasks, limit=4).per_question == result.per_question  # TaskSet reused
+
+
+def test_task_set_shared_by_threads_and_pickled(model, tokenizer, toy_task):
+    """Phase 2 workers are threads (local runner) or processes that receive the TaskSet pickled (Ray)."""
+    tasks = TaskSet([toy_task])
+    serial = evaluate(model, tokenizer, tasks, limit=6).per_question
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: evaluate(model, tokenizer, tasks, limit=6).per_question, range(2)))
+    assert runs == [serial, serial]
+    assert evaluate(model, tokenizer, pickle.loads(pickle.dumps(tasks)), limit=6).per_question == serial
 
 
 def test_missing_task_file_is_a_user_error(tmp_path):
