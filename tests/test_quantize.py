@@ -150,6 +150,25 @@ def test_mfp4_config_excludes_exactly_the_bf16_modules(family, source, quantized
     assert any(m.startswith("mtp.") for m in kept_modules) == (family == "qwen3_5")
 
 
+def test_mfp4_fake_quant_model_runs_on_cpu_and_matches_the_export(source, quantized):
+    from darwin.quantize.mfp4 import calibrate
+
+    model, tokenizer = calibrate(Checkpoint(source("qwen3_5")), CALIBRATION, "cpu")
+    with torch.no_grad():  # ModelOpt's own NVFP4 fake-quant kernel asserts CUDA; darwin's torch backend runs here
+        logits = model(**tokenizer("The sky is blue", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    written = read_all(quantized("qwen3_5", "mfp4"))
+    for layer in (0, 3):
+        linear = model.model.language_model.layers[layer].mlp.down_proj
+        with torch.no_grad():
+            fake = linear.weight_quantizer(linear.weight).float()
+        name = f"model.language_model.layers.{layer}.mlp.down_proj"
+        exported = decode(written[f"{name}.weight"], written[f"{name}.weight_scale"],
+                          written[f"{name}.weight_scale_2"], False)
+        assert not torch.equal(fake, linear.weight.float())
+        torch.testing.assert_close(fake, exported, rtol=1e-2, atol=1e-4)
+
+
 def test_nvfp4a16_loads_in_transformers_and_evaluates_with_lm_eval(source, quantized, tmp_path):
     import transformers
 

@@ -84,21 +84,17 @@ def _load(ckpt: Checkpoint, device: str):
     return model, tokenizer
 
 
-def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: list[str] | None = None,
-                  device: str = "auto") -> Path:
+def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: str = "cpu"):
+    """(model, tokenizer): the BF16 model with ModelOpt's NVFP4 quantizers inserted and max-calibrated on the
+    prompts (the shipped probe prompts by default). It runs in memory as the fake-quantized MFP4 model, on CPU
+    through `nvfp4_fake_quant`, and is what `export_hf_checkpoint` writes."""
     import modelopt.torch.quantization as mtq
-    from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
         is_registered_quant_backend,
         register_quant_backend,
     )
 
-    ckpt = Checkpoint(model)
-    check_source(ckpt)
-    device = pick_device(device)
     prompts = calibration or [prompt for prompts in load_probes().values() for prompt in prompts]
-    if Path(out).exists():
-        raise DarwinError(f"output already exists: {out}")
     hf_model, tokenizer = _load(ckpt, device)
     if device == "cpu" and not is_registered_quant_backend(BACKEND):
         register_quant_backend(BACKEND, nvfp4_fake_quant)
@@ -109,14 +105,29 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
                 m(**tokenizer(prompt, return_tensors="pt").to(m.device))
 
     mtq.quantize(hf_model, quant_config(cpu=device == "cpu"), forward_loop)
+    return hf_model, tokenizer
+
+
+def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: list[str] | None = None,
+                  device: str = "auto") -> Path:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    ckpt = Checkpoint(model)
+    check_source(ckpt)
+    device = pick_device(device)
+    out = Path(out)
+    if out.exists():
+        raise DarwinError(f"output already exists: {out}")
+    hf_model, _ = calibrate(ckpt, calibration, device)
     carried = {name: ckpt.read(name) for name in ckpt.tensors if ckpt.kind(name)[0] == "mtp"}
     if carried:
         # ModelOpt's hook for MTP heads loaded beside the model: their prefixes go into exclude_modules.
         hf_model._mtp_layer_prefixes = sorted({name.split(".")[0] for name in carried})
-    staging = Path(tempfile.mkdtemp(prefix=".mfp4-export-", dir=Path(out).parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mfp4-export-", dir=out.parent))
     try:
         export_hf_checkpoint(hf_model, export_dir=staging, extra_state_dict=carried)
-        return _finish(ckpt, staging, Path(out))
+        return _finish(ckpt, staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
