@@ -1,0 +1,112 @@
+"""The run config of `darwin evolve CONFIG.yaml`: SPEC.md's exact keys and defaults, validated once.
+
+Unknown keys, wrong types and out-of-range values are one clear error (naming every bad key) before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from darwin.errors import DarwinError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Phase1(_Strict):
+    steps: int = Field(200, ge=0)
+    popsize: int = Field(20, ge=2)
+    proxy: Literal["heuristic", "measured"] = "heuristic"
+
+
+class Phase2(_Strict):
+    steps: int = Field(10, ge=0)
+    popsize: int = Field(8, ge=2)
+    tasks: list[str] = Field(default_factory=lambda: ["arc_challenge"], min_length=1)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+
+
+class Health(_Strict):
+    interference: float = Field(1.5, gt=1.0)
+    function_loss: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class Release(_Strict):
+    scheme: Literal["mfp4", "nvfp4a16"] | None = None
+    dest: str | None = None
+
+
+class Runner(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    workers: int | None = Field(None, ge=1)
+    address: str | None = None
+
+
+class RunConfig(_Strict):
+    father: str
+    mother: str
+    base: str | None = None
+    method: Literal["darwin-v5", "darwin-v6", "dare-ties"] = "darwin-v5"
+    genome: Literal["v5", "v6"] = "v5"
+    blocks: int = Field(6, ge=1, le=64)
+    seed: int = Field(0, ge=0)
+    phase1: Phase1 = Phase1()
+    phase2: Phase2 = Phase2()
+    health: Health = Health()
+    release: Release = Release()
+    runner: Runner = Runner()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.method == "darwin-v5" and self.genome != "v5":
+            raise ValueError("method darwin-v5 needs genome: v5")
+        if self.method == "darwin-v6" and self.genome != "v6":
+            raise ValueError("method darwin-v6 needs genome: v6")
+        if self.method == "dare-ties" and not self.base:
+            raise ValueError("method dare-ties needs base: the shared base model")
+        if self.release.dest and not self.release.scheme:
+            raise ValueError("release.dest is set but release.scheme is not (mfp4 or nvfp4a16)")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        parts.append(f"{where}: {message.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def parse_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise DarwinError(f"bad run config: {_describe(exc)}") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read CONFIG.yaml and apply dotted overrides (`{"phase2.steps": 3}`) from the command line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise DarwinError(f"config file does not exist: {path}") from None
+    except yaml.YAMLError as exc:
+        raise DarwinError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise DarwinError(f"config file {path} must hold a mapping of keys")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw)

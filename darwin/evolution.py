@@ -1,0 +1,132 @@
+"""The records of an evolution run: its directory layout, history table, saved search state and plot.
+
+RUN/
+  config.yaml          the validated config the run was started with
+  mri/{father,mother}  Phase 0 static MRI;  probes/{father,mother,child}  probe importance (v6, health)
+  state/phase{1,2}.pkl the CMA-ES search and history after the last finished generation (resume point)
+  history.parquet      one row per evaluated genome;  evolution.png  best and mean fitness per generation
+  best/                the best child (merged to disk once) with merge_report.json
+  health/ quantized/   Phase 3 and release outputs;  summary.json  the result
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from darwin.genome import gene_names
+from darwin.search import Search
+
+WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def state(self, phase: int) -> Path:
+        return self.root / "state" / f"phase{phase}.pkl"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.parquet"
+
+
+@dataclass
+class PhaseState:
+    """What a resumed run needs: the search after its last tell, and every history row so far."""
+
+    phase: int
+    search: Search
+    rows: list[dict]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(self))
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path) -> PhaseState | None:
+        return pickle.loads(path.read_bytes()) if path.exists() else None
+
+
+def history_row(phase: int, generation: int, record: dict, proxies: dict[str, float]) -> dict:
+    """`proxies`: the cheap scores of the genome (`proxy_heuristic`, `proxy_measured`) beside its fitness."""
+    row = {"phase": phase, "generation": generation, "genome_hash": record["genome_hash"],
+           **record["genes"], "fitness": record["fitness"], **proxies,
+           "seconds": record.get("seconds"), "merge_seconds": record.get("merge_seconds"),
+           "eval_seconds": record.get("eval_seconds"), "worker": record.get("worker"),
+           "cached": record.get("cached", False), "failed": record.get("failed", False)}
+    row.update({f"score:{task}": value for task, value in (record.get("scores") or {}).items()})
+    return row
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def best_row(rows: list[dict], phase: int | None = None) -> dict:
+    """The fittest genome of a phase (of the last phase that evaluated any when None); ties go to the first."""
+    if phase is None:
+        phase = max(row["phase"] for row in rows)
+    candidates = [row for row in rows if row["phase"] == phase and not row["failed"]]
+    return max(candidates, key=lambda row: row["fitness"])
+
+
+def genes_of(row: dict, version: str, blocks: int) -> dict[str, float]:
+    return {name: row[name] for name in gene_names(version, blocks)}
+
+
+def top_genomes(rows: list[dict], version: str, blocks: int, count: int = 5) -> list[dict]:
+    phase = max(row["phase"] for row in rows)
+    ranked = sorted((r for r in rows if r["phase"] == phase and not r["failed"]), key=lambda r: -r["fitness"])
+    unique = list({r["genome_hash"]: r for r in reversed(ranked)}.values())[::-1]
+    unique.sort(key=lambda r: -r["fitness"])
+    return [{"genome_hash": r["genome_hash"][:12], "fitness": round(r["fitness"], 4), "generation": r["generation"],
+             **{k: round(v, 3) for k, v in genes_of(r, version, blocks).items()}} for r in unique[:count]]
+
+
+def evolution_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(rows)
+    phases = sorted(frame["phase"].unique())
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        per_generation = frame[frame["phase"] == phase].groupby("generation")["fitness"]
+        ax.plot(per_generation.max().index, per_generation.max().cummax(), label="best so far", marker="o")
+        ax.plot(per_generation.mean().index, per_generation.mean(), label="generation mean", linestyle="--")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("fitness" if phase == 2 else "proxy fitness")
+        ax.set_title(f"Phase {phase}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,262 @@
+"""The whole run: Phase 0 MRI, Phase 1 CMA-ES on a proxy, Phase 2 CMA-ES on real merges scored by lm-eval, the best
+child merged to disk, Phase 3 health check, and the release.
+
+    darwin evolve CONFIG.yaml [--out RUN] [--resume] [--set phase2.steps=3 ...] [--force-release]
+
+Phase 2 fans out one task per genome (merge in memory + lm-eval), over the local thread pool (one worker per GPU)
+or a Ray cluster (`runner: ray`). Every generation is saved; re-running into the same RUN resumes after the last
+finished generation with no evaluation repeated, and ends as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from darwin import evolution, fitness, stats
+from darwin.checkpoint import Checkpoint
+from darwin.config import RunConfig, load_config, parse_config
+from darwin.errors import DarwinError
+from darwin.evaluate import TaskSet
+from darwin.genome import Genome
+from darwin.merge import load_mri
+from darwin.search import Search, heuristic_fitness, prescription_by_gene
+from flows.health import health_flow
+from flows.profile import profile_flow
+from flows.publish import publish_flow
+from flows.release import release_flow
+from tasks.evolve import default_workers, evaluate_candidate, record_generation, report_evolution, \
+    run_heuristic_phase, start_progress
+from tasks.merge import merge_child
+from tasks.probe import probe_model, routing_stats
+
+
+def _candidate_placement(config: RunConfig):
+    """On Ray each genome claims one GPU (or one CPU on a CPU-only cluster); locally the pool size does it."""
+    if config.runner.kind != "ray":
+        return nullcontext()
+    import ray
+    from prefect_ray.context import remote_options
+
+    has_gpu = config.phase2.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    return remote_options(num_gpus=1) if has_gpu else remote_options(num_cpus=1)
+
+
+def _gather(futures, genomes: list[Genome]) -> list[dict]:
+    """Results in ask order; a genome that failed after its retries scores the worst fitness, and the run goes on."""
+    records = []
+    for future, genome in zip(futures, genomes):
+        future.wait()
+        if future.state.is_completed():
+            records.append(future.result())
+            continue
+        get_run_logger().warning("genome %s failed after retries (%s): worst fitness", genome.hash[:12],
+                                 future.state.message)
+        records.append({"genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": evolution.WORST_FITNESS,
+                        "failed": True})
+    return records
+
+
+def run_generations(phase: int, state: evolution.PhaseState, steps: int, config: RunConfig, run_dir: str,
+                    parents: fitness.Parents, tasks: TaskSet, limit: int | None, parent_fingerprints: dict,
+                    prescription: dict, cache_dir: str | None) -> evolution.PhaseState:
+    progress = start_progress(phase, steps, state.search.generation)
+    while state.search.generation < steps:
+        generation = state.search.generation
+        genomes = state.search.ask()
+        with _candidate_placement(config):
+            futures = evaluate_candidate.map(
+                [dict(g.genes) for g in genomes], unmapped(parents), unmapped(tasks), unmapped(limit),
+                unmapped(config.phase2.batch_size), unmapped(config.phase2.device), unmapped(cache_dir),
+                unmapped(parent_fingerprints))
+        records = _gather(futures, genomes)
+        state.rows += [evolution.history_row(phase, generation, record, {
+            "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), prescription),
+            "proxy_measured": fitness.prefix_score(record) if not record.get("failed") else None,
+        }) for record in records]
+        state.search.tell([record["fitness"] for record in records])
+        record_generation(state, phase, generation, steps, run_dir, progress)
+    return state
+
+
+def proxy_rankings(rows: list[dict]) -> dict[str, float | None]:
+    """How well each proxy ranks the Phase 2 candidates against their real fitness (Spearman)."""
+    real = [r for r in rows if r["phase"] == 2 and not r["failed"]]
+    fitness_values = [r["fitness"] for r in real]
+    return {name: stats.spearman([r[name] for r in real], fitness_values) if len(real) > 2 else None
+            for name in ("proxy_heuristic", "proxy_measured")}
+
+
+@flow(name="darwin-evolve", log_prints=True)
+def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_dir: str | None = None) -> dict:
+    started = time.perf_counter()
+    cfg = parse_config(config)
+    layout = evolution.RunLayout(Path(run_dir))
+    seconds: dict[str, float] = {}
+    father, mother = Checkpoint(cfg.father), Checkpoint(cfg.mother)
+    base = Checkpoint(cfg.base) if cfg.base else None
+    device = cfg.phase2.device
+
+    # Phase 0: static MRI of both parents (per-shard fan-out); probes and routing when the method uses them
+    mri_father = profile_flow(str(father.path), str(layout.path("mri", "father")), device, "father")
+    mri_mother = profile_flow(str(mother.path), str(layout.path("mri", "mother")), device, "mother")
+    probes = {"father": None, "mother": None}
+    if cfg.method == "darwin-v6":
+        for role, checkpoint in (("father", father), ("mother", mother)):
+            out = str(layout.path("probes", role))
+            probe_model(str(checkpoint.path), out, device=device, label=role)
+            routing_stats(str(checkpoint.path), out, device=device, label=role)
+            probes[role] = out
+    parents = fitness.Parents(str(father.path), str(mother.path), cfg.method, str(base.path) if base else None,
+                              mri_father, mri_mother, probes["father"], probes["mother"])
+    kinds = {name: father.kind(name)[0] for name in father.tensors}
+    prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)
+    parent_fingerprints = fitness.fingerprints(parents)
+    tasks = TaskSet(cfg.phase2.tasks)
+    seconds["phase0"] = time.perf_counter() - started
+
+    # Phase 1: CMA-ES on a proxy
+    mark = time.perf_counter()
+    phase1 = evolution.PhaseState.load(layout.state(1)) or evolution.PhaseState(
+        1, Search(cfg.genome, cfg.blocks, cfg.phase1.popsize, cfg.seed), [])
+    if cfg.phase1.proxy == "heuristic":
+        phase1 = run_heuristic_phase(phase1, cfg.phase1.steps, prescription, run_dir)
+    else:
+        limit = min(fitness.MEASURED_LIMIT, cfg.phase2.limit or fitness.MEASURED_LIMIT)
+        phase1 = run_generations(1, phase1, cfg.phase1.steps, cfg, run_dir, parents, tasks, limit,
+                                 parent_fingerprints, prescription, cache_dir)
+    seconds["phase1"] = time.perf_counter() - mark
+
+    # Phase 2: CMA-ES continues from Phase 1's mean and step size, on real merges and lm-eval
+    mark = time.perf_counter()
+    phase2 = evolution.PhaseState.load(layout.state(2)) or evolution.PhaseState(
+        2, phase1.search.follow_on(cfg.phase2.popsize), list(phase1.rows))
+    phase2 = run_generations(2, phase2, cfg.phase2.steps, cfg, run_dir, parents, tasks, cfg.phase2.limit,
+                             parent_fingerprints, prescription, cache_dir)
+    rows = phase2.rows
+    seconds["phase2"] = time.perf_counter() - mark
+    spearman = proxy_rankings(rows)
+    top = report_evolution(rows, cfg.genome, cfg.blocks, run_dir, spearman)
+
+    # The best child, merged to disk once, then Phase 3
+    mark = time.perf_counter()
+    best = evolution.best_row(rows)
+    genes = evolution.genes_of(best, cfg.genome, cfg.blocks)
+    best_dir = merge_child(parents.father, parents.mother, genes, cfg.method, str(layout.path("best")),
+                           parents.base, mri_father, mri_mother, probes["father"], probes["mother"],
+                           fitness.worker_device(device))
+    seconds["best"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    health = health_flow(best_dir, parents.father, parents.mother, str(layout.path("health")),
+                         cfg.health.interference, cfg.health.function_loss, device=device,
+                         father_probes=probes["father"], mother_probes=probes["mother"])
+    seconds["health"] = time.perf_counter() - mark
+
+    # Release: quantize and publish, unless the health check failed (and nobody forced it)
+    release = {}
+    if cfg.release.scheme and (health["verdict"] == "pass" or force_release):
+        mark = time.perf_counter()
+        release["quantized"] = release_flow(best_dir, cfg.release.scheme,
+                                            str(layout.path("quantized", cfg.release.scheme)), device=device)
+        seconds["quantize"] = time.perf_counter() - mark
+    elif cfg.release.scheme:
+        get_run_logger().warning("health check failed: release skipped (--force-release overrides)")
+    summary = {
+        "best": {"genome": genes, "genome_hash": best["genome_hash"], "fitness": best["fitness"],
+                 "scores": {k.removeprefix("score:"): v for k, v in best.items() if k.startswith("score:")}},
+        "top_genomes": top, "proxy_spearman": spearman, "health": health["verdict"],
+        "evaluations": {"phase1": sum(r["phase"] == 1 for r in rows), "phase2": sum(r["phase"] == 2 for r in rows),
+                        "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
+        "best_dir": best_dir, "release": release, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    evolution.write_json(layout.path("summary.json"), summary)
+    if cfg.release.dest and release:
+        mark = time.perf_counter()
+        release["manifest"] = publish_flow(run_dir, cfg.release.dest)
+        summary["seconds"]["publish"] = round(time.perf_counter() - mark, 2)
+        evolution.write_json(layout.path("summary.json"), summary)
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    evolution.write_json(layout.path("summary.json"), summary)
+    return summary
+
+
+def task_runner(config: RunConfig):
+    if config.runner.kind == "ray":
+        if not os.environ.get("PREFECT_API_URL"):
+            raise DarwinError("runner: ray needs PREFECT_API_URL pointing at a Prefect server (without one every "
+                              "Ray worker starts its own temporary server): run `prefect server start` and export "
+                              "PREFECT_API_URL=http://127.0.0.1:4200/api")
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=config.runner.address,
+                             init_kwargs={"runtime_env": {"env_vars": {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]}}})
+    return ThreadPoolTaskRunner(max_workers=config.runner.workers or default_workers())
+
+
+def prepare_run(config: RunConfig, run_dir: Path, resume: bool) -> None:
+    """A new RUN gets the config; an existing one must have been started with the very same config."""
+    saved = run_dir / "config.yaml"
+    wanted = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
+    if saved.exists():
+        if saved.read_text() != wanted:
+            raise DarwinError(f"{run_dir} was started with a different config; use another --out or the same config")
+        return
+    if resume:
+        raise DarwinError(f"nothing to resume: {run_dir} has no config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(wanted)
+
+
+def run_evolution(config: RunConfig, run_dir: Path, resume: bool = False, force_release: bool = False,
+                  cache_dir: str | None = None) -> dict:
+    prepare_run(config, run_dir, resume)
+    runner = task_runner(config)
+    return evolve_flow.with_options(task_runner=runner)(config.model_dump(mode="json"), str(run_dir),
+                                                        force_release, cache_dir)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise DarwinError(f"--set takes KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.yaml")
+    parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<father>x<mother>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue RUN after its last finished generation")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set phase2.steps=3 (repeatable)")
+    parser.add_argument("--force-release", action="store_true", help="release even if the health check fails")
+
+
+def command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, dict(_parse_override(item) for item in args.set))
+    for model in (config.father, config.mother, config.base):
+        if model:
+            Checkpoint(model)  # bad parents fail here, before Prefect starts
+    TaskSet(config.phase2.tasks)
+    run_dir = Path(args.out) if args.out else Path("runs") / (
+        f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}")
+    summary = run_evolution(config, run_dir, args.resume, args.force_release)
+    best = summary["best"]
+    print(f"{run_dir}: best fitness {best['fitness']:.4f} genome {best['genome_hash'][:12]}, "
+          f"health {summary['health']}")
+    return 0 if summary["health"] == "pass" else 3
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["evolve", *sys.argv[1:]]))

@@ -1,0 +1,89 @@
+"""Prefect tasks of the evolution: one task per genome (merge in memory + lm-eval), one per finished generation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
+
+from darwin import evolution, fitness
+from darwin.evaluate import TaskSet
+from darwin.genome import Genome
+from darwin.search import heuristic_fitness
+from tasks.merge import retry_unless_user_error
+
+
+def _candidate_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"eval-{Genome.from_dict(task_run.parameters['genes']).hash[:12]}"
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
+      task_run_name=_candidate_name, tags=["gpu"], cache_policy=NO_CACHE)
+def evaluate_candidate(genes: dict, parents: fitness.Parents, tasks: TaskSet, limit: int | None, batch_size: int,
+                       device: str, cache_dir: str | None, parent_fingerprints: dict[str, str]) -> dict:
+    return fitness.evaluate_genome(parents, genes, tasks, limit, batch_size, device,
+                                   fitness.FitnessCache(cache_dir), parent_fingerprints)
+
+
+@task(task_run_name="phase1-heuristic", cache_policy=NO_CACHE)
+def run_heuristic_phase(state: evolution.PhaseState, steps: int, prescription: dict[str, float], run_dir: str
+                        ) -> evolution.PhaseState:
+    """Phase 1 on the cards' heuristic: thousands of formula evaluations, one task (no merge is involved)."""
+    layout = evolution.RunLayout(Path(run_dir))
+    while state.search.generation < steps:
+        genomes = state.search.ask()
+        scores = [heuristic_fitness(g, prescription) for g in genomes]
+        state.rows += [evolution.history_row(1, state.search.generation, {
+            "genome_hash": g.hash, "genes": dict(g.genes), "fitness": s}, {"proxy_heuristic": s})
+            for g, s in zip(genomes, scores)]
+        state.search.tell(scores)
+        state.save(layout.state(1))
+    evolution.write_history(state.rows, layout.history)
+    return state
+
+
+@task(task_run_name="record-phase{phase}-generation{generation}", cache_policy=NO_CACHE)
+def record_generation(state: evolution.PhaseState, phase: int, generation: int, steps: int, run_dir: str,
+                      progress_id: str | None) -> None:
+    """Persist the generation (state first, then history and plot) and move the progress artifact."""
+    layout = evolution.RunLayout(Path(run_dir))
+    state.save(layout.state(phase))
+    evolution.write_history(state.rows, layout.history)
+    layout.path("evolution.png").write_bytes(evolution.evolution_png(state.rows))
+    best = evolution.best_row(state.rows, phase)
+    get_run_logger().info("phase %d generation %d/%d: best fitness %.4f (%s)", phase, generation + 1, steps,
+                          best["fitness"], best["genome_hash"][:12])
+    if progress_id:
+        update_progress_artifact(progress_id, progress=100.0 * (generation + 1) / max(1, steps))
+
+
+def start_progress(phase: int, steps: int, done: int) -> str | None:
+    return str(create_progress_artifact(progress=100.0 * done / max(1, steps), key=f"evolution-phase{phase}",
+                                        description=f"Phase {phase}: generations done out of {steps}"))
+
+
+@task(task_run_name="report-evolution", cache_policy=NO_CACHE)
+def report_evolution(rows: list[dict], version: str, blocks: int, run_dir: str, spearman: dict) -> list[dict]:
+    top = evolution.top_genomes(rows, version, blocks)
+    create_table_artifact(key="top-genomes", table=top, description="the fittest genomes of the last phase")
+    plot = Path(run_dir) / "evolution.png"
+    lines = [f"### Evolution\n", f"Best and mean fitness per generation: `{plot}`\n",
+             "Proxy ranking against Phase 2 fitness (Spearman): " +
+             ", ".join(f"{name} {value:.3f}" for name, value in spearman.items() if value is not None)]
+    create_markdown_artifact(key="evolution", markdown="\n".join(lines))
+    return top
+
+
+def default_workers() -> int:
+    """One genome per GPU; on CPU a few workers, but never more than half the cores (torch uses the rest)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
