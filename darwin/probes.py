@@ -79,7 +79,8 @@ def load_model(path_or_model, device: str = "auto", trust_remote_code: bool = Fa
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise DarwinError(f"no usable tokenizer beside the model at {source}: {exc}") from None
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DarwinError(f"no usable tokenizer beside the model at {source}: {first_line.strip()}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise DarwinError(f"the tokenizer at {source} has neither a pad nor an eos token to pad batches with")

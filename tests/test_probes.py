@@ -78,6 +78,12 @@ def test_multimodal_qwen35_checkpoint_loads_as_its_text_model(pico_checkpoint, t
     assert sorted(frame["layer"].unique()) == [0, 1, 2, 3]
 
 
+def test_a_model_without_a_tokenizer_is_one_line_of_error(pico_checkpoint):
+    with pytest.raises(DarwinError, match="no usable tokenizer") as error:
+        probes.load_model(pico_checkpoint("llama"), "cpu")
+    assert "\n" not in str(error.value)
+
+
 def test_shipped_probe_sets_and_a_replacement_directory(tmp_path):
     shipped = probes.load_probes()
     assert sorted(shipped) == ["CODE", "KNOWLEDGE", "LANGUAGE", "MATH", "REASONING"]
