@@ -1,8 +1,10 @@
 """CMA-ES over genomes (the `cma` package): ask/tell, exact save/resume, and Phase 1's heuristic proxy.
 
-Genes live in [0, 1] and cma's own bound handling keeps every candidate there. cma draws from numpy's global RNG,
-so the search keeps its own copy of that RNG state, restores it around every ask and pickles it with the
-strategy: a resumed run asks exactly the genomes an uninterrupted one would, whatever else used numpy between.
+Genes live in [0, 1] and cma's own bound handling keeps every candidate there. cma samples through its `randn`
+option, by default numpy's global RNG, whose state a pickled strategy does not keep (it pickles a detached copy of
+the global RandomState). The search gives cma a RandomState of its own instead: it is seeded from the run's seed,
+pickled with the strategy, and touched by nobody else, so a resumed run asks exactly the genomes an uninterrupted
+one would.
 
 Heuristic proxy (the cards' "genome balance + differentiation", made exact):
     agreement = 1 - mean_g |gene_g - prescription_g|   over g in global, attn, ffn, embed, where prescription_g
@@ -39,25 +41,18 @@ class Search:
     sigma0: float = 0.2
     generation: int = 0
     _es: cma.CMAEvolutionStrategy | None = field(default=None, repr=False)
-    _rng_state: tuple | None = field(default=None, repr=False)
     _asked: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if self._es is None:
             dim = len(gene_names(self.version, self.blocks))
             x0 = self.x0 if self.x0 is not None else [0.5] * dim
-            saved = np.random.get_state()
+            rng = np.random.RandomState(self.seed)
             self._es = cma.CMAEvolutionStrategy(list(x0), self.sigma0, {
-                "bounds": [0.0, 1.0], "popsize": self.popsize, "seed": self.seed + 1, "verbose": -9})
-            self._rng_state = np.random.get_state()
-            np.random.set_state(saved)
+                "bounds": [0.0, 1.0], "popsize": self.popsize, "randn": rng.randn, "verbose": -9})
 
     def ask(self) -> list[Genome]:
-        saved = np.random.get_state()
-        np.random.set_state(self._rng_state)
         self._asked = self._es.ask()
-        self._rng_state = np.random.get_state()
-        np.random.set_state(saved)
         return [Genome.from_vector(self.version, x, self.blocks) for x in self._asked]
 
     def tell(self, fitness: list[float]) -> None:

@@ -57,3 +57,29 @@ def arc_dir():
     if not (ARC_DIR / "test.jsonl").exists():
         pytest.skip(f"real ARC-Challenge data not found at {ARC_DIR}")
     return ARC_DIR
+
+
+@pytest.fixture(scope="session")
+def pico_family(tmp_path_factory):
+    """base, father and mother pico Qwen3.5 text models with the demo's character tokenizer, and a 12-question
+    ARC-format task file whose answers the tiny models can only guess (a fitness signal with real variance)."""
+    import json
+
+    from darwin.demo.tokenizer import build_tokenizer
+    from darwin.evaluate import multiple_choice_task_file
+
+    root = tmp_path_factory.mktemp("family")
+    tokenizer = build_tokenizer()
+    paths = {}
+    for role, perturb in (("base", None), ("father", 1), ("mother", 2)):
+        model = pico.build("qwen3_5_text")
+        if perturb is not None:
+            pico.perturbed(model, perturb, scale=0.05)
+        paths[role] = pico.save(model, root / role)
+        tokenizer.save_pretrained(paths[role])
+    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?",
+             "choices": {"text": [str(2 * i), str(2 * i + 1), str(i)], "label": ["A", "B", "C"]},
+             "answerKey": "ABC"[i % 3]} for i in range(12)]
+    (root / "toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    paths["task"] = multiple_choice_task_file("toy", {"validation": root / "toy.jsonl"}, root)
+    return paths

@@ -1,0 +1,168 @@
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+import darwin.fitness
+from darwin.config import load_config, parse_config
+from darwin.errors import DarwinError
+from darwin.genome import gene_names
+from darwin.search import Search
+from flows import evolve
+from flows.cli import main
+
+
+def config_for(family, **overrides):
+    raw = {"father": str(family["father"]), "mother": str(family["mother"]), "base": str(family["base"]),
+           "method": "dare-ties", "genome": "v6", "blocks": 2, "seed": 3,
+           "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
+           "phase2": {"steps": 2, "popsize": 3, "tasks": [str(family["task"])], "device": "cpu"}}
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            raw[section] = {**raw[section], leaf: value}
+        else:
+            raw[key] = value
+    return parse_config(raw)
+
+
+def history(run):
+    return pd.read_parquet(run / "history.parquet")
+
+
+def test_config_defaults_and_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("father: a\nmother: b\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert (config.phase1.steps, config.phase1.popsize, config.phase2.steps, config.phase2.popsize) == (200, 20, 10, 8)
+    assert config.phase2.tasks == ["arc_challenge"] and config.method == "darwin-v5" and config.runner.kind == "local"
+    (tmp_path / "bad.yaml").write_text("father: a\nmother: b\nphase2: {popsize: 1, colour: red}\nmethod: dare-ties\n")
+    with pytest.raises(DarwinError) as error:
+        load_config(tmp_path / "bad.yaml")
+    message = str(error.value)
+    assert "phase2.popsize" in message and "phase2.colour: unknown key" in message and "\n" not in message
+    with pytest.raises(DarwinError, match="darwin-v6 needs genome: v6"):
+        parse_config({"father": "a", "mother": "b", "method": "darwin-v6"})
+    assert load_config(tmp_path / "c.yaml", {"phase2.steps": 3}).phase2.steps == 3
+
+
+def test_search_resumes_exactly(tmp_path):
+    def fitness(genome):
+        return -sum((v - 0.3) ** 2 for v in genome.vector())
+
+    straight = Search("v6", 2, 5, seed=7)
+    asked = []
+    for _ in range(4):
+        genomes = straight.ask()
+        asked.append([g.hash for g in genomes])
+        straight.tell([fitness(g) for g in genomes])
+    resumed = Search("v6", 2, 5, seed=7)
+    for _ in range(2):
+        genomes = resumed.ask()
+        resumed.tell([fitness(g) for g in genomes])
+    resumed.save(tmp_path / "s.pkl")
+    import numpy as np
+
+    np.random.seed(12345)  # someone else using numpy's global RNG between runs must not matter
+    resumed = Search.load(tmp_path / "s.pkl")
+    for generation in (2, 3):
+        genomes = resumed.ask()
+        assert [g.hash for g in genomes] == asked[generation]
+        resumed.tell([fitness(g) for g in genomes])
+    assert all(0.0 <= v <= 1.0 for g in genomes for v in g.vector())
+
+
+def test_short_evolution_writes_history_best_and_plot(prefect_api, pico_family, tmp_path):
+    run = tmp_path / "run"
+    summary = evolve.run_evolution(config_for(pico_family), run, cache_dir=str(tmp_path / "cache"))
+    frame = history(run)
+    genes = list(gene_names("v6", 2))
+    assert {"phase", "generation", "genome_hash", "fitness", "seconds", "worker", *genes} <= set(frame.columns)
+    assert (frame["phase"] == 1).sum() == 2 * 4 and (frame["phase"] == 2).sum() == 2 * 3
+    phase2 = frame[frame["phase"] == 2]
+    assert phase2["fitness"].between(0, 1).all() and not phase2["failed"].any()
+    assert summary["best"]["fitness"] == phase2["fitness"].max()
+    report = json.loads((run / "best" / "merge_report.json").read_text())
+    assert report["genome_hash"] == summary["best"]["genome_hash"]
+    assert (run / "evolution.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "summary.json").read_text())["health"] in ("pass", "fail")
+    assert set(summary["proxy_spearman"]) == {"proxy_heuristic", "proxy_measured"}
+
+
+def test_cache_prevents_reevaluation(prefect_api, pico_family, tmp_path, monkeypatch):
+    config = config_for(pico_family, phase1__steps=0)
+    cache = str(tmp_path / "cache")
+    first = evolve.run_evolution(config, tmp_path / "one", cache_dir=cache)
+    calls = []
+    real = darwin.fitness.merge_into_model
+    monkeypatch.setattr(darwin.fitness, "merge_into_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = evolve.run_evolution(config, tmp_path / "two", cache_dir=cache)
+    assert calls == []
+    assert history(tmp_path / "two")[lambda f: f.phase == 2]["cached"].all()
+    assert second["best"] == first["best"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_matches(prefect_api, pico_family, tmp_path, monkeypatch):
+    config = config_for(pico_family, phase2__steps=3)
+    straight = evolve.run_evolution(config, tmp_path / "straight", cache_dir=str(tmp_path / "cache-a"))
+
+    real_record = evolve.record_generation
+
+    def record_then_stop(state, phase, generation, *args, **kwargs):
+        real_record(state, phase, generation, *args, **kwargs)
+        if phase == 2 and generation == 0:
+            raise Interrupted("killed after generation 0")
+
+    monkeypatch.setattr(evolve, "record_generation", record_then_stop)
+    with pytest.raises(Exception):
+        evolve.run_evolution(config, tmp_path / "resumed", cache_dir=str(tmp_path / "cache-b"))
+    monkeypatch.setattr(evolve, "record_generation", real_record)
+    calls = []
+    real = darwin.fitness.merge_into_model
+    monkeypatch.setattr(darwin.fitness, "merge_into_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = evolve.run_evolution(config, tmp_path / "resumed", resume=True, cache_dir=str(tmp_path / "cache-b"))
+    assert len(calls) == 2 * 3  # generations 1 and 2 only: generation 0 is neither repeated nor re-read
+    columns = ["phase", "generation", "genome_hash", "fitness"]
+    pd.testing.assert_frame_equal(history(tmp_path / "straight")[columns], history(tmp_path / "resumed")[columns])
+    assert resumed["best"] == straight["best"]
+
+
+def test_failed_merge_is_retried_and_a_hopeless_genome_scores_worst(prefect_api, pico_family, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(evolve, "evaluate_candidate", evolve.evaluate_candidate.with_options(retry_delay_seconds=0))
+    real = darwin.fitness.merge_into_model
+    attempts = {}
+
+    def flaky(plan, model, device="cpu"):
+        key = plan.genome.hash
+        attempts[key] = attempts.get(key, 0) + 1
+        if len(attempts) == 1 and attempts[key] == 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        if len(attempts) == 2:
+            raise RuntimeError("worker lost (injected, every attempt)")
+        return real(plan, model, device)
+
+    monkeypatch.setattr(darwin.fitness, "merge_into_model", flaky)
+    evolve.run_evolution(config_for(pico_family, phase1__steps=0, phase2__steps=1), tmp_path / "run",
+                         cache_dir=str(tmp_path / "cache"))
+    first, second = list(attempts)[:2]
+    assert attempts[first] == 2 and attempts[second] == 3  # retried once; tried 1 + 2 retries, then given up
+    frame = history(tmp_path / "run").set_index("genome_hash")
+    assert not frame.loc[first, "failed"] and frame.loc[first, "fitness"] > 0
+    assert frame.loc[second, "failed"] and frame.loc[second, "fitness"] == 0.0
+    assert len(frame) == 3
+
+
+def test_cli_refuses_a_different_config_for_an_existing_run(prefect_api, pico_family, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("father: somebody-else\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_for(pico_family).model_dump(mode="json")))
+    assert main(["evolve", str(path), "--out", str(run)]) == 2
+    assert main(["evolve", str(path), "--out", str(tmp_path / "fresh"), "--resume"]) == 2
+    assert not (tmp_path / "fresh").exists()
