@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import torch  # noqa: E402
+import pico
+import picotok
+import torch
 
-import pico  # noqa: E402
-import picotok  # noqa: E402
-from darwin import moe, probes  # noqa: E402
-from darwin.runtime import pick_device  # noqa: E402
+from darwin import moe, probes
+from darwin.runtime import pick_device
 
 
 def build(family: str, layers: int, hidden: int):

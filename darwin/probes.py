@@ -221,10 +221,9 @@ def importance_table(frame: pd.DataFrame) -> list[dict]:
 
 def importance_markdown(frame: pd.DataFrame, label: str) -> str:
     """The most important layer per probe, and how importance was measured."""
-    lines = [f"### Probe layer importance: {label}", "",
-             f"Cosine distance of the final hidden state ({frame.attrs.get('pool', 'last')} real token) when one "
-             "decoder layer is skipped (its residual passes through).", "", "| probe | top layer | importance |",
-             "|---|---|---|"]
+    how = (f"Cosine distance of the final hidden state ({frame.attrs.get('pool', 'last')} real token) when one "
+           "decoder layer is skipped (its residual passes through).")
+    lines = [f"### Probe layer importance: {label}", "", how, "", "| probe | top layer | importance |", "|---|---|---|"]
     for probe, rows in frame.groupby("probe", sort=False):
         top = rows.loc[rows["importance"].idxmax()]
         lines.append(f"| {probe} | {int(top['layer'])} | {top['importance']:.4f} |")

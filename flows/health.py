@@ -26,10 +26,13 @@ FAIL_EXIT = 3
 @flow(name="darwin-health", log_prints=True)
 def health_flow(child: str, father: str, mother: str, out: str, interference: float = 1.5,
                 function_loss: float = 0.5, probes_dir: str | None = None, device: str = "auto",
-                father_probes: str | None = None, mother_probes: str | None = None) -> dict:
-    child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child")
-    father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device, "father")
-    mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device, "mother")
+                father_probes: str | None = None, mother_probes: str | None = None,
+                trust_remote_code: bool = False) -> dict:
+    child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child", trust_remote_code)
+    father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device, "father",
+                                                 trust_remote_code)
+    mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device, "mother",
+                                                 trust_remote_code)
     return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss)
 
 
@@ -44,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--father-probes", help="`darwin probe` output of the father, reused instead of probing")
     parser.add_argument("--mother-probes", help="`darwin probe` output of the mother, reused instead of probing")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own modelling code")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -57,7 +61,7 @@ def command(args: argparse.Namespace) -> int:
     load_probes(args.probes)
     pick_device(args.device)
     report = health_flow(args.child, args.father, args.mother, args.out, args.interference, args.function_loss,
-                         args.probes, args.device, args.father_probes, args.mother_probes)
+                         args.probes, args.device, args.father_probes, args.mother_probes, args.trust_remote_code)
     flagged = {flag: report[flag] for flag in ("interference", "function_loss") if report[flag]}
     print(f"health {report['verdict']}: {flagged or 'no layer flagged'} ({Path(args.out) / 'health.json'})")
     return 0 if report["verdict"] == "pass" else FAIL_EXIT

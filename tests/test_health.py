@@ -3,14 +3,14 @@
 import json
 
 import pandas as pd
-import pytest
-
 import pico
 import picotok
+import pytest
+from test_probes import SHORT_PROBES, make_identity
+
 from darwin import health, probes
 from darwin.errors import DarwinError
 from flows.cli import main
-from test_probes import SHORT_PROBES, make_identity
 
 DESTROYED = 2
 

@@ -3,11 +3,11 @@
 import math
 
 import pandas as pd
+import pico
+import picotok
 import pytest
 import torch
 
-import pico
-import picotok
 from darwin import moe, probes
 
 DEAD = {0: {3}, 1: {1, 2}, 2: set(), 3: {0}}

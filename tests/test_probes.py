@@ -3,11 +3,11 @@
 import re
 
 import pandas as pd
+import pico
+import picotok
 import pytest
 import torch
 
-import pico
-import picotok
 from darwin import probes
 from darwin.errors import DarwinError
 
@@ -141,7 +141,8 @@ def test_probe_flow_writes_importance_and_routing_of_a_moe_model(prefect_api, tm
         "probes.parquet", "probes.png", "routing.parquet", "routing.png"]
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"probes-mother-moe", "probes-mother-moe-summary", "routing-mother-moe", "routing-mother-moe-summary"} <= keys
+    expected = {"probes-mother-moe", "probes-mother-moe-summary", "routing-mother-moe", "routing-mother-moe-summary"}
+    assert expected <= keys
 
 
 def test_probe_command_on_a_dense_model_writes_no_routing(prefect_api, tmp_path):
