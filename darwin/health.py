@@ -72,6 +72,7 @@ def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.
 def plot_health(report: dict) -> bytes:
     """PNG: child, father and mother importance per layer, flagged layers marked, the noise floor dashed."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layers = pd.DataFrame(report["layers"])
     figure = Figure(figsize=(9, 4.5))
@@ -85,6 +86,7 @@ def plot_health(report: dict) -> bytes:
                        zorder=3)
     ax.axhline(report["thresholds"]["noise_floor"], color="grey", linewidth=0.8, linestyle="--", label="noise floor")
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("importance (mean over probes)")
     ax.set_title(f"health check: {report['verdict']}")
     ax.legend(fontsize="small")

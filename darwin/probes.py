@@ -172,12 +172,14 @@ def probe_scores(frame: pd.DataFrame, weights: dict[str, float] | None = None) -
 def plot_importance(frame: pd.DataFrame, title: str = "probe layer importance") -> bytes:
     """PNG: layers on x, one line per probe."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(9, 4.5))
     ax = figure.add_subplot()
     for probe, rows in frame.groupby("probe", sort=False):
         ax.plot(rows["layer"], rows["importance"], marker="o", markersize=3, label=probe)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cosine distance when skipped")
     ax.set_title(f"{title} ({frame.attrs.get('pool', 'last')} token)")
     ax.legend(fontsize="small")
