@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pico  # noqa: E402
+import torch  # noqa: E402
+
+# Pico models are far too small for intra-op threads: one thread runs them faster (up to 30x on a busy machine).
+torch.set_num_threads(1)
 from prefect.logging.configuration import setup_logging  # noqa: E402
 
 # Prefect's console handler binds to sys.stderr when logging is set up: do it now, on the session's streams, so a

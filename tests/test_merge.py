@@ -111,10 +111,10 @@ def test_dare_ties_matches_a_direct_torch_computation(parents, tmp_path):
 
 def test_output_is_byte_identical_across_runs_threads_and_chunking(parents, tmp_path, monkeypatch):
     genome = v6(merge_method_weight=0.4)
-    plan = plan_merge(parents["father"], parents["mother"], genome, "darwin-v6")
-    first = merge_to_dir(plan, tmp_path / "one")
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        first = merge_to_dir(plan_merge(parents["father"], parents["mother"], genome, "darwin-v6"), tmp_path / "one")
         torch.set_num_threads(1)
         monkeypatch.setattr(masks, "CHUNK", 777)
         second = merge_to_dir(plan_merge(parents["father"], parents["mother"], genome, "darwin-v6"), tmp_path / "two")
@@ -218,3 +218,42 @@ def test_merge_task_is_idempotent(parents, tmp_path):
     stamp = (out / "merge_report.json").stat().st_mtime_ns
     merge_child.fn(str(parents["father"].path), str(parents["mother"].path), V5, "darwin-v5", str(out))
     assert (out / "merge_report.json").stat().st_mtime_ns == stamp
+
+
+def test_v6_ratios_combine_static_and_probe_scores(parents, tmp_path):
+    from darwin.mri import static_score, tensor_stats
+    from darwin.prescribe import ParentSignals
+
+    probe_a = {layer: 0.1 * (layer + 1) for layer in range(4)}
+    probe_b = {layer: 0.05 for layer in range(4)}
+    genome = v6(mri_trust=0.6)
+    plan = plan_merge(parents["father"], parents["mother"], genome, "darwin-v6",
+                      signals_a=ParentSignals(probe=probe_a), signals_b=ParentSignals(probe=probe_b))
+    report = json.loads((merge_to_dir(plan, tmp_path / "child") / "merge_report.json").read_text())["tensors"]
+    name = "model.layers.3.mlp.down_proj.weight"
+    a, b = (static_score(tensor_stats(parents[p].read(name)), "v6") for p in ("father", "mother"))
+    combined_a, combined_b = a * 0.4 + probe_a[3] * 0.6, b * 0.4 + probe_b[3] * 0.6
+    row = report[name]
+    assert row["mri_ratio"] == pytest.approx(combined_b / (combined_a + combined_b), rel=1e-6)
+    assert row["final_ratio"] == pytest.approx(row["mri_ratio"] * 0.6 + row["genome_ratio"] * 0.4, rel=1e-6)
+    assert (row["probe_father"], row["probe_mother"]) == (probe_a[3], probe_b[3])
+    embed = report["model.embed_tokens.weight"]  # no layer: static score alone
+    a, b = (static_score(tensor_stats(parents[p].read("model.embed_tokens.weight")), "v6") for p in ("father", "mother"))
+    assert embed["mri_ratio"] == pytest.approx(b / (a + b), rel=1e-6) and "probe_father" not in embed
+
+
+def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_path):
+    from darwin.prescribe import ParentSignals
+
+    father, mother = (Checkpoint(pico_checkpoint("qwen3_moe", perturb=p)) for p in (1, 2))
+    plan = plan_merge(father, mother, v6(), "darwin-v6", signals_a=ParentSignals(dead_experts={1: {2}}),
+                      signals_b=ParentSignals(dead_experts={1: {0}, 2: {2}}))
+    out = merge_to_dir(plan, tmp_path / "child")
+    report = json.loads((out / "merge_report.json").read_text())["tensors"]
+    layer = "model.layers.{}.mlp.experts.{}.up_proj.weight"
+    assert report[layer.format(1, 2)]["dead_expert_donor"] == "mother"
+    assert raw_bytes(out, layer.format(1, 2)) == raw_bytes(mother.path, layer.format(1, 2))
+    assert report[layer.format(1, 0)]["dead_expert_donor"] == "father"
+    assert raw_bytes(out, layer.format(1, 0)) == raw_bytes(father.path, layer.format(1, 0))
+    assert report[layer.format(2, 2)]["dead_expert_donor"] == "father"
+    assert "dead_expert_donor" not in report[layer.format(1, 1)]
