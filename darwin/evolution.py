@@ -11,8 +11,6 @@ RUN/
 
 from __future__ import annotations
 
-import io
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from darwin.genome import gene_names
+from darwin.report import png, write_atomic, write_parquet
 from darwin.search import Search
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
@@ -52,10 +51,7 @@ class PhaseState:
     rows: list[dict]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(self))
-        tmp.replace(path)
+        write_atomic(path, pickle.dumps(self))
 
     @staticmethod
     def load(path: Path) -> PhaseState | None:
@@ -74,9 +70,7 @@ def history_row(phase: int, generation: int, record: dict, proxies: dict[str, fl
 
 
 def write_history(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    tmp.replace(path)
+    write_parquet(pd.DataFrame(rows), path)
 
 
 def best_row(rows: list[dict], phase: int | None = None) -> dict:
@@ -101,14 +95,12 @@ def top_genomes(rows: list[dict], version: str, blocks: int, count: int = 5) -> 
 
 
 def evolution_png(rows: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     frame = pd.DataFrame(rows)
     phases = sorted(frame["phase"].unique())
-    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(phases), 3.6))
+    axes = fig.subplots(1, len(phases), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         per_generation = frame[frame["phase"] == phase].groupby("generation")["fitness"]
         ax.plot(per_generation.max().index, per_generation.max().cummax(), label="best so far", marker="o")
@@ -118,15 +110,4 @@ def evolution_png(rows: list[dict]) -> bytes:
         ax.set_title(f"Phase {phase}")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    return png(fig)

@@ -15,7 +15,6 @@ The verdict is `fail` when any layer is flagged.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from darwin.errors import DarwinError
-from darwin.probes import write_atomic
+from darwin.report import png, write_atomic
 
 ROLES = ("child", "father", "mother")
 ABSOLUTE_FLOOR = 1e-3
@@ -91,10 +90,7 @@ def plot_health(report: dict) -> bytes:
     ax.set_title(f"health check: {report['verdict']}")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return png(figure)
 
 
 def write_health(report: dict, out: str | os.PathLike) -> Path:

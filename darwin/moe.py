@@ -16,7 +16,6 @@ flattened the same way selects the real tokens.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ import pandas as pd
 import torch
 
 from darwin.errors import DarwinError
-from darwin.probes import batches, decoder_layers, write_atomic
+from darwin.probes import batches, decoder_layers
+from darwin.report import png, write_atomic, write_parquet
 
 COLUMNS = ["layer", "expert", "frequency", "entropy", "dead"]
 DEAD_SHARE = 0.05
@@ -145,19 +145,14 @@ def plot_routing(frame: pd.DataFrame, title: str = "expert activation frequency"
     ax.set_yticks(range(0, len(table.index), step), table.index[::step])
     ax.set_title(f"{title}\nx: dead (frequency < {DEAD_SHARE} * top_k / num_experts)", fontsize="small")
     figure.colorbar(image, ax=ax, shrink=0.8, label="top-k selections / token")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return png(figure)
 
 
 def write_routing(frame: pd.DataFrame, out: str | os.PathLike) -> Path:
     """`routing.parquet` (the dead rule in its pandas metadata, `attrs`) and `routing.png`, written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    write_atomic(out / "routing.parquet", buffer.getvalue())
+    write_parquet(frame, out / "routing.parquet")
     write_atomic(out / "routing.png", plot_routing(frame))
     return out / "routing.parquet"
 

@@ -7,7 +7,6 @@ Shannon entropy in bits of a 256-bin histogram over [min, max] (0 for a constant
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 
 from darwin.checkpoint import Checkpoint, dtype_name
+from darwin.report import png, write_atomic, write_parquet
 
 BINS = 256
 COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
@@ -60,13 +60,8 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def write_profile(frame: pd.DataFrame, out: Path) -> Path:
     """`mri.parquet` plus `mri.png` (layer x kind heatmaps of entropy and std), each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".mri.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(out / "mri.parquet")
-    (out / ".mri.png.tmp").write_bytes(heatmap_png(frame))
-    (out / ".mri.png.tmp").replace(out / "mri.png")
-    return out / "mri.parquet"
+    write_atomic(out / "mri.png", heatmap_png(frame))
+    return write_parquet(frame, out / "mri.parquet")
 
 
 def read_profile(path: Path) -> pd.DataFrame:
@@ -81,13 +76,11 @@ def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def heatmap_png(frame: pd.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     stats = ("entropy", "std")
-    fig, axes = plt.subplots(1, len(stats), figsize=(11, 0.25 * max(8, frame["block"].nunique()) + 2))
+    fig = Figure(figsize=(11, 0.25 * max(8, frame["block"].nunique()) + 2))
+    axes = fig.subplots(1, len(stats))
     for ax, column in zip(axes, stats):
         table = layer_table(frame, column)
         if table.empty:
@@ -100,11 +93,7 @@ def heatmap_png(frame: pd.DataFrame) -> bytes:
         ax.set_ylabel("layer")
         ax.set_title(f"{column} (mean per layer and kind)")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def summary_table(frame: pd.DataFrame) -> list[dict]:

@@ -15,7 +15,6 @@ five shipped sets live in `darwin/data/probes/`, and a directory of the same sha
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import pandas as pd
 import torch
 
 from darwin.errors import DarwinError
+from darwin.report import png, write_atomic, write_parquet
 from darwin.runtime import pick_device
 
 COLUMNS = ["layer", "probe", "importance"]
@@ -184,25 +184,14 @@ def plot_importance(frame: pd.DataFrame, title: str = "probe layer importance") 
     ax.set_title(f"{title} ({frame.attrs.get('pool', 'last')} token)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    return png(figure)
 
 
 def write_importance(frame: pd.DataFrame, out: str | os.PathLike) -> Path:
     """`probes.parquet` and `probes.png` in `out`, each written atomically; returns the parquet path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    write_atomic(out / "probes.parquet", buffer.getvalue())
+    write_parquet(frame, out / "probes.parquet")
     write_atomic(out / "probes.png", plot_importance(frame))
     return out / "probes.parquet"
 

@@ -17,9 +17,7 @@ It needs no merge and costs microseconds; how well it ranks real candidates is m
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cma
 import numpy as np
@@ -74,15 +72,6 @@ class Search:
     def follow_on(self, popsize: int) -> Search:
         """The next phase: same genome space and seed, starting from this phase's mean and step size."""
         return Search(self.version, self.blocks, popsize, self.seed + 1000, x0=self.mean, sigma0=self.sigma)
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(self))
-        tmp.replace(path)
-
-    @staticmethod
-    def load(path: Path) -> Search:
-        return pickle.loads(path.read_bytes())
 
 
 def prescription_by_gene(mri_a: dict[str, dict], mri_b: dict[str, dict], kinds: dict[str, str], version: str

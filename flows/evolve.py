@@ -28,6 +28,7 @@ from darwin.errors import DarwinError
 from darwin.evaluate import TaskSet
 from darwin.genome import Genome
 from darwin.merge import load_mri
+from darwin.report import write_json
 from darwin.search import Search, heuristic_fitness, prescription_by_gene
 from flows.health import health_flow
 from flows.profile import profile_flow
@@ -177,14 +178,14 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
                         "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
         "best_dir": best_dir, "release": release, "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    evolution.write_json(layout.path("summary.json"), summary)
+    write_json(layout.path("summary.json"), summary)
     if cfg.release.dest and release:
         mark = time.perf_counter()
         release["manifest"] = publish_flow(run_dir, cfg.release.dest)
         summary["seconds"]["publish"] = round(time.perf_counter() - mark, 2)
-        evolution.write_json(layout.path("summary.json"), summary)
+        write_json(layout.path("summary.json"), summary)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    evolution.write_json(layout.path("summary.json"), summary)
+    write_json(layout.path("summary.json"), summary)
     return summary
 
 

@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from darwin import evolution, fitness
 from darwin.evaluate import TaskSet
 from darwin.genome import Genome
+from darwin.report import write_atomic
 from darwin.search import heuristic_fitness
 from tasks.merge import retry_unless_user_error
 
@@ -55,7 +56,7 @@ def record_generation(state: evolution.PhaseState, phase: int, generation: int, 
     layout = evolution.RunLayout(Path(run_dir))
     state.save(layout.state(phase))
     evolution.write_history(state.rows, layout.history)
-    layout.path("evolution.png").write_bytes(evolution.evolution_png(state.rows))
+    write_atomic(layout.path("evolution.png"), evolution.evolution_png(state.rows))
     best = evolution.best_row(state.rows, phase)
     get_run_logger().info("phase %d generation %d/%d: best fitness %.4f (%s)", phase, generation + 1, steps,
                           best["fitness"], best["genome_hash"][:12])
@@ -73,7 +74,7 @@ def report_evolution(rows: list[dict], version: str, blocks: int, run_dir: str, 
     top = evolution.top_genomes(rows, version, blocks)
     create_table_artifact(key="top-genomes", table=top, description="the fittest genomes of the last phase")
     plot = Path(run_dir) / "evolution.png"
-    lines = [f"### Evolution\n", f"Best and mean fitness per generation: `{plot}`\n",
+    lines = ["### Evolution\n", f"Best and mean fitness per generation: `{plot}`\n",
              "Proxy ranking against Phase 2 fitness (Spearman): " +
              ", ".join(f"{name} {value:.3f}" for name, value in spearman.items() if value is not None)]
     create_markdown_artifact(key="evolution", markdown="\n".join(lines))

@@ -61,7 +61,7 @@ def test_fsspec_url_is_copied_once(pico_checkpoint, tmp_path, monkeypatch):
     import darwin.checkpoint as ckpt
 
     monkeypatch.setattr(ckpt, "REMOTE_CACHE", tmp_path / "cache")
-    url = f"memory://models/llama"
+    url = "memory://models/llama"
     import fsspec
 
     fs = fsspec.filesystem("memory")

@@ -1,0 +1,39 @@
+"""Writing reports: PNG bytes from a matplotlib Figure, and atomic writes of bytes, tables and JSON.
+
+Figures are built with `matplotlib.figure.Figure` directly (no pyplot global state), so worker threads can plot at
+the same time. Every file is written to a temporary sibling and renamed: a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return write_atomic(path, buffer.getvalue())
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    return write_atomic(path, json.dumps(payload, indent=2, default=str).encode())
