@@ -15,7 +15,7 @@ from darwin.evaluate import TaskSet
 from darwin.genome import Genome
 from darwin.report import write_atomic
 from darwin.search import heuristic_fitness
-from tasks.merge import retry_unless_user_error
+from tasks.policy import retry_unless_user_error
 
 
 def _candidate_name() -> str:

@@ -7,21 +7,10 @@ from pathlib import Path
 from prefect import task
 
 from darwin.checkpoint import Checkpoint
-from darwin.errors import DarwinError
 from darwin.genome import Genome
 from darwin.merge import existing_merge, load_mri, merge_to_dir, plan_merge
 from darwin.prescribe import load_signals
-
-
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes, CUDA OOM and lost workers; a bad genome or mismatched parents fails at once."""
-    try:
-        state.result()
-    except DarwinError:
-        return False
-    except Exception:
-        return True
-    return False
+from tasks.policy import retry_unless_user_error
 
 
 def _run_name() -> str:

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from darwin import health, moe, probes
-from tasks.merge import retry_unless_user_error
+from tasks.policy import retry_unless_user_error
 
 
 def _key(*parts: str) -> str:
@@ -17,7 +17,7 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error, timeout_seconds=4 * 3600,
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       task_run_name="probe-{label}", tags=["gpu"])
 def probe_model(model: str, out: str, probes_dir: str | None = None, device: str = "auto", label: str = "model",
                 trust_remote_code: bool = False) -> str:
@@ -30,7 +30,7 @@ def probe_model(model: str, out: str, probes_dir: str | None = None, device: str
     return str(path)
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error, timeout_seconds=4 * 3600,
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       task_run_name="routing-{label}", tags=["gpu"])
 def routing_stats(model: str, out: str, calibration: str | None = None, probes_dir: str | None = None,
                   device: str = "auto", label: str = "model", trust_remote_code: bool = False) -> str | None:

@@ -10,10 +10,10 @@ from prefect.artifacts import create_table_artifact
 
 from darwin.quantize import quantize
 from darwin.quantize.roundtrip import roundtrip_table
-from tasks.merge import retry_unless_user_error
+from tasks.policy import retry_unless_user_error
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error, timeout_seconds=6 * 3600,
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       task_run_name="quantize-{scheme}", tags=["gpu"])
 def quantize_model(model: str, scheme: str, out: str, calibration: list[str] | None = None,
                    device: str = "auto") -> str:
