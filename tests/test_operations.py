@@ -1,0 +1,281 @@
+"""Operations end to end: a real `prefect server start`, an evolution run against it read back through the API, the
+deployments registered by infra/register.sh and run once through a process worker, result storage on S3 (moto),
+merge retries, and the compose file."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+import yaml
+
+from darwin.checkpoint import Checkpoint
+from darwin.errors import DarwinError
+from tasks.merge import merge_child
+from test_evolve import config_for
+from test_publish import MotoS3
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT = 120
+RUN_TIMEOUT = 420
+GENES = {"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5, "density_a": 0.8,
+         "density_b": 0.8}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class PrefectServer:
+    """`prefect server start` in its own process group with its own PREFECT_HOME; `env` is what its clients use."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.url = f"http://127.0.0.1:{free_port()}/api"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+        self.env = {**base, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_URL": self.url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        self.process = None
+        self.start_seconds = None
+
+    def start(self):
+        port = self.url.split(":")[-1].split("/")[0]
+        started = time.perf_counter()
+        self.log = open(self.home / "server.log", "wb")
+        env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        self.process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                         port, "--no-ui", "--analytics-off"], env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        while time.perf_counter() - started < SERVER_START_TIMEOUT:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(self.home / 'server.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                self.start_seconds = time.perf_counter() - started
+                print(f"prefect server up in {self.start_seconds:.1f} s")
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"prefect server not up after {SERVER_START_TIMEOUT} s")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def run(self, *args, env=None, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=ROOT, text=True,
+                              capture_output=True, timeout=timeout)
+        assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    def query(self, read):
+        """Run `read(client)` against this server through prefect.client.orchestration.get_client."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def go():
+            with temporary_settings({PREFECT_API_URL: self.url}):
+                async with get_client() as client:
+                    return await read(client)
+
+        return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_results(tmp_path_factory):
+    """moto's S3 server with a results bucket, and the AWS settings a worker would have for MinIO."""
+    moto = MotoS3()
+    moto.start()
+    home = tmp_path_factory.mktemp("aws")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": moto.endpoint,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(home / "none")}
+    try:
+        boto3.client("s3", endpoint_url=moto.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="darwin-results")
+        yield env
+    finally:
+        moto.stop()
+
+
+def write_config(path: Path, family, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(config_for(family, **overrides).model_dump(mode="json")))
+    return path
+
+
+def flow_runs(client, name=None):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])) if name else None)
+
+
+@pytest.mark.slow
+def test_evolution_on_a_real_server_shows_its_dag_artifacts_and_results(server, s3_results, pico_family, tmp_path):
+    started = time.perf_counter()
+    server.run(BIN / "python", "infra/result_storage.py", "s3://darwin-results/prefect", env=s3_results)
+    config = write_config(tmp_path / "evolve.yaml", pico_family, phase1__popsize=4, phase2__steps=1,
+                          phase2__popsize=2)
+    run = tmp_path / "run"
+    server.run(BIN / "darwin", "evolve", config, "--out", run, env={
+        **s3_results, "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": "remote-file-system/darwin-results"})
+    print(f"darwin evolve against the server: {time.perf_counter() - started:.1f} s")
+
+    async def read(client):
+        (evolve,) = await flow_runs(client, "darwin-evolve")
+        return evolve, await client.read_task_runs(), await client.read_artifacts()
+
+    evolve, task_runs, artifacts = server.query(read)
+    assert evolve.state.is_completed()
+    completed = {t.name for t in task_runs if t.state.is_completed()}
+    shards = {f"mri-{shard}" for model in ("father", "mother") for shard in Checkpoint(pico_family[model]).shards}
+    assert shards <= completed
+    genomes = pd.read_parquet(run / "history.parquet").query("phase == 2")["genome_hash"]
+    assert len(genomes) == 2 and {f"eval-{h[:12]}" for h in genomes} <= completed
+    keys = {a.key for a in artifacts}
+    assert {"mri-father", "mri-mother", "top-genomes", "evolution", "health", "evolution-phase2"} <= keys
+    progress = [a for a in artifacts if a.key == "evolution-phase2"]
+    assert progress[-1].data == 100.0
+    # task results went to the S3 result storage block, not to the local default
+    stored = boto3.client("s3", endpoint_url=s3_results["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1").list_objects_v2(
+        Bucket="darwin-results", Prefix="prefect/").get("KeyCount", 0)
+    assert stored >= len(shards) + len(genomes)
+
+
+@pytest.mark.slow
+def test_register_deploy_and_run_once_through_a_process_worker(server, pico_family, tmp_path):
+    started = time.perf_counter()
+    server.run("infra/register.sh", env={"DARWIN_GPU_POOL_TYPE": "kubernetes", "DARWIN_GPUS": "3"})
+    print(f"infra/register.sh: {time.perf_counter() - started:.1f} s")
+
+    async def registered(client):
+        pools = {name: await client.read_work_pool(name) for name in ("darwin-cpu", "darwin-gpu")}
+        return pools, await client.read_deployments(), await client.read_concurrency_limit_by_tag("gpu")
+
+    pools, deployments, gpu_limit = server.query(registered)
+    assert pools["darwin-cpu"].type == "process" and pools["darwin-gpu"].type == "kubernetes"
+    container = pools["darwin-gpu"].base_job_template["job_configuration"]["job_manifest"]["spec"]["template"][
+        "spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert gpu_limit.concurrency_limit == 3
+    by_name = {d.name: d for d in deployments}
+    assert set(by_name) == {"evolve-nightly", "evolve-cpu", "release", "profile"}
+    nightly = by_name["evolve-nightly"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"] and nightly.work_pool_name == "darwin-gpu"
+    assert nightly.parameters["config_path"] == "deployments/configs/nightly.yaml"
+
+    config = write_config(tmp_path / "smoke.yaml", pico_family, phase1__steps=0, phase2__steps=1, phase2__popsize=2)
+    run = tmp_path / "deployed-run"
+    started = time.perf_counter()
+    created = server.run(BIN / "prefect", "deployment", "run", "darwin-evolve-from-file/evolve-cpu",
+                         "-p", f"config_path={json.dumps(str(config))}", "-p", f"run_dir={json.dumps(str(run))}")
+    server.run("infra/worker.sh", "cpu", "--run-once", env={"PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")})
+    print(f"deployment run through a process worker: {time.perf_counter() - started:.1f} s")
+
+    async def runs(client):
+        return await flow_runs(client, "darwin-evolve-from-file")
+
+    (deployed,) = server.query(runs)
+    assert deployed.deployment_id == by_name["evolve-cpu"].id and str(deployed.id) in created.stdout
+    assert deployed.state.is_completed(), deployed.state.message
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["evaluations"]["phase2"] == 2
+    assert any((tmp_path / "results").iterdir())  # the worker persists results locally by default
+
+
+def test_merge_fails_once_then_succeeds_on_retry(prefect_api, pico_family, tmp_path, monkeypatch):
+    import tasks.merge
+
+    real = tasks.merge.merge_to_dir
+    attempts = []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.merge, "merge_to_dir", flaky)
+    out = tmp_path / "child"
+    state = merge_child.with_options(retry_delay_seconds=0)(
+        str(pico_family["father"]), str(pico_family["mother"]), GENES, "darwin-v5", str(out), return_state=True)
+    assert state.is_completed() and len(attempts) == 2
+    assert json.loads((out / "merge_report.json").read_text())["genome_hash"]
+    assert task_run_count(state) == 2
+
+
+def test_merge_user_error_is_not_retried(prefect_api, pico_family, pico_checkpoint, tmp_path):
+    stranger = pico_checkpoint("llama")  # another architecture: the parents do not match
+    state = merge_child.with_options(retry_delay_seconds=0)(
+        str(pico_family["father"]), str(stranger), GENES, "darwin-v5", str(tmp_path / "child"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DarwinError):
+        state.result()
+    assert task_run_count(state) == 1
+    assert not (tmp_path / "child").exists()
+
+
+def task_run_count(state) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(state.state_details.task_run_id).run_count
+
+
+def test_sample_configs_are_valid_run_configs():
+    from darwin.config import load_config
+
+    configs = sorted((ROOT / "deployments" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+    scheduled = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    for deployment in scheduled:
+        path = deployment["parameters"].get("config_path")
+        assert path is None or (ROOT / path).exists(), deployment["name"]
+
+
+def test_compose_file_is_valid(tmp_path):
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client here")
+    check = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip(f"docker has no compose plugin here: {check.stderr.strip().splitlines()[0]}")
+    done = subprocess.run(["docker", "compose", "-f", "infra/compose.yaml", "--env-file", "infra/env.sample",
+                           "--profile", "setup", "--profile", "ray", "config", "--format", "json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["worker-cpu"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
