@@ -1,0 +1,116 @@
+"""Build the demo's three parents once, then reuse them: base, father (skill A), mother (skill B).
+
+- base: a Qwen3.5 hybrid model trained from scratch on a mix holding a random share of each skill's facts, so it
+  partly knows both skills, as a pretrained model would;
+- father: the base fully fine-tuned on every fact of skill A;
+- mother: the base with a peft LoRA on its attention projections fine-tuned on every fact of skill B, merged into
+  the weights (merge_and_unload), as the mother in the model cards is a LoRA SFT of the shared base.
+Both fine-tunes replay the base's mix so that each keeps the other skill. Checkpoints are saved in float32 (the
+deltas are small: bfloat16 would round part of them away) with the character tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import peft
+import torch
+import transformers as tf
+
+from darwin.demo import skills
+from darwin.demo.tokenizer import build_tokenizer
+from darwin.demo.train import model_config, qa_pairs, train
+
+CODE_VERSION = 1  # bump when a change to this package changes the parents' bytes
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    hidden: int = 128
+    layers: int = 4
+    base_share: float = 0.4  # share of each skill's facts in the base's mix
+    base_steps: int = 400
+    base_lr: float = 3e-3
+    father_steps: int = 150
+    father_lr: float = 1e-3
+    mother_steps: int = 150
+    mother_lr: float = 3e-3
+    lora_rank: int = 16
+    replay_share: float = 0.3
+
+
+SMALL = Recipe(hidden=64, base_share=0.5, base_steps=120, base_lr=5e-3, father_steps=60, father_lr=3e-3,
+               mother_steps=60, mother_lr=1e-2)
+
+
+def base_mix(share: float, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(f"{seed}:base-mix")
+    mix = []
+    for skill_name in skills.SKILLS:
+        rows = skills.splits(skill_name, seed)["train"]
+        mix += qa_pairs(rng.sample(rows, round(share * len(rows))))
+    return mix
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.float32).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=print) -> dict[str, Path]:
+    """{"base", "father", "mother"} -> checkpoint dirs under `out_dir`, built once per (seed, recipe, code
+    version): a second call finds `parents.json` with the same key and returns at once."""
+    out = Path(out_dir)
+    recipe = SMALL if small else Recipe()
+    key = hashlib.sha256(json.dumps({"seed": seed, "code": CODE_VERSION, **asdict(recipe)}, sort_keys=True)
+                         .encode()).hexdigest()[:16]
+    paths = {name: out / name for name in ("base", "father", "mother")}
+    stamp = out / "parents.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and all(p.is_dir() for p in paths.values()):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    tokenizer = build_tokenizer()
+    facts = {name: qa_pairs(skills.splits(name, seed)["train"]) for name in skills.SKILLS}
+    mix = base_mix(recipe.base_share, seed)
+    seconds = {}
+
+    start = time.time()
+    torch.manual_seed(seed)
+    base = tf.Qwen3_5ForCausalLM(model_config(len(tokenizer), recipe.hidden, recipe.layers))
+    train(base, tokenizer, mix, steps=recipe.base_steps, lr=recipe.base_lr, seed=seed)
+    _save(base, tokenizer, paths["base"])
+    seconds["base"] = time.time() - start
+    log(f"base: {recipe.base_steps} steps in {seconds['base']:.0f} s")
+
+    start = time.time()
+    father = tf.Qwen3_5ForCausalLM.from_pretrained(paths["base"])
+    train(father, tokenizer, facts[skills.SKILL_A], steps=recipe.father_steps, lr=recipe.father_lr, seed=seed + 1,
+          replay=mix, replay_share=recipe.replay_share)
+    _save(father, tokenizer, paths["father"])
+    seconds["father"] = time.time() - start
+    log(f"father: full fine-tune on {skills.SKILL_A}, {recipe.father_steps} steps in {seconds['father']:.0f} s")
+
+    start = time.time()
+    lora = peft.get_peft_model(
+        tf.Qwen3_5ForCausalLM.from_pretrained(paths["base"]),
+        peft.LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, target_modules=LORA_TARGETS))
+    train(lora, tokenizer, facts[skills.SKILL_B], steps=recipe.mother_steps, lr=recipe.mother_lr, seed=seed + 2,
+          replay=mix, replay_share=recipe.replay_share)
+    _save(lora.merge_and_unload(), tokenizer, paths["mother"])
+    seconds["mother"] = time.time() - start
+    log(f"mother: LoRA r{recipe.lora_rank} on {skills.SKILL_B}, {recipe.mother_steps} steps in {seconds['mother']:.0f} s")
+
+    stamp.write_text(json.dumps({"key": key, "seed": seed, "recipe": asdict(recipe), "seconds": seconds}, indent=1))
+    return paths
