@@ -18,12 +18,12 @@ import boto3
 import pandas as pd
 import pytest
 import yaml
+from test_evolve import config_for
+from test_publish import MotoS3
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
 from tasks.merge import merge_child
-from test_evolve import config_for
-from test_publish import MotoS3
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,11 +54,11 @@ class PrefectServer:
     def start(self):
         port = self.url.split(":")[-1].split("/")[0]
         started = time.perf_counter()
-        self.log = open(self.home / "server.log", "wb")
         env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
-        self.process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                         port, "--no-ui", "--analytics-off"], env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.home / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
+            self.process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                             "--port", port, "--no-ui", "--analytics-off"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         while time.perf_counter() - started < SERVER_START_TIMEOUT:
             if self.process.poll() is not None:
                 raise RuntimeError(f"prefect server exited: {(self.home / 'server.log').read_text()[-2000:]}")
@@ -79,11 +79,10 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self.log.close()
 
     def run(self, *args, env=None, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
         done = subprocess.run([str(a) for a in args], env={**self.env, **(env or {})}, cwd=ROOT, text=True,
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, check=False)
         assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
@@ -271,12 +270,12 @@ def test_sample_configs_are_valid_run_configs():
 def test_compose_file_is_valid(tmp_path):
     if shutil.which("docker") is None:
         pytest.skip("no docker client here")
-    check = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    check = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
     if check.returncode != 0:
         pytest.skip(f"docker has no compose plugin here: {check.stderr.strip().splitlines()[0]}")
     done = subprocess.run(["docker", "compose", "-f", "infra/compose.yaml", "--env-file", "infra/env.sample",
                            "--profile", "setup", "--profile", "ray", "config", "--format", "json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
