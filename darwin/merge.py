@@ -11,6 +11,10 @@ Forms (SPEC.md "Merge"), with r the tensor's final ratio:
   1/density; weights (1-r, r); TIES sign election by the sign of the weighted sum; the agreeing weighted deltas
   summed and divided by the sum of their weights, as mergekit's dare_ties does with `normalize: true`.
 - V6 genomes blend: w * form + (1 - w) * (A + (B - A) * r), w = merge_method_weight.
+
+On CPU the mask bits and the form run fused in one C pass per chunk (`darwin/_kernels.c`, chunks in parallel
+threads); on CUDA, or where the extension was not built, the same operations run as torch ops. Both give the same
+bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from darwin.genome import Genome
 from darwin.mri import tensor_stats
 from darwin.prescribe import ParentSignals
 
+try:
+    from darwin import _kernels
+except ImportError:  # built without a C compiler: the torch path alone
+    _kernels = None
+
 REPORT_NAME = "merge_report.json"
 
 
@@ -49,17 +58,30 @@ def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
     return base + mixed / torch.where(divisor == 0, 1.0, divisor)
 
 
+def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b):
+    _kernels.darwin_form(out, a, b, start, seed, masks.threshold(density_b), r)
+
+
+def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b):
+    weight_a, weight_b = 1.0 - r, r
+    _kernels.dare_ties_form(out, a, b, base, start, seed, masks.threshold(density_a), masks.threshold(density_b),
+                            weight_a / density_a if density_a > 0 else 0.0,
+                            weight_b / density_b if density_b > 0 else 0.0,
+                            weight_a, weight_b, density_a > 0, density_b > 0)
+
+
 @dataclass(frozen=True)
 class Method:
-    form: Callable
+    form: Callable  # torch, on any device
+    kernel: Callable  # the same form fused with the mask bits, on CPU
     needs_base: bool
     genome: str | None  # the genome version the method requires (None: either)
 
 
 METHODS = {
-    "darwin-v5": Method(darwin_form, needs_base=False, genome="v5"),
-    "darwin-v6": Method(darwin_form, needs_base=False, genome="v6"),
-    "dare-ties": Method(dare_ties_form, needs_base=True, genome=None),
+    "darwin-v5": Method(darwin_form, darwin_kernel, needs_base=False, genome="v5"),
+    "darwin-v6": Method(darwin_form, darwin_kernel, needs_base=False, genome="v6"),
+    "dare-ties": Method(dare_ties_form, dare_ties_kernel, needs_base=True, genome=None),
 }
 
 
@@ -122,17 +144,32 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_base = base.reshape(-1) if base is not None else None
     out = torch.empty(a.numel(), dtype=a.dtype)
-    for start in range(0, a.numel(), masks.CHUNK):
+    fused = device == "cpu" and _kernels is not None
+
+    def merge_chunk(start: int) -> None:
         stop = min(a.numel(), start + masks.CHUNK)
         ca = flat_a[start:stop].to(device=device, dtype=torch.float32)
         cb = flat_b[start:stop].to(device=device, dtype=torch.float32)
         cbase = flat_base[start:stop].to(device=device, dtype=torch.float32) if flat_base is not None else None
-        keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None, density_b,
-                                          device)
-        merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
+        if fused:
+            merged = torch.empty_like(ca)
+            spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
+                        start, seed, final, density_a, density_b)
+        else:
+            keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None, density_b,
+                                              device)
+            merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
         if blend != 1.0:
             merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
         out[start:stop] = merged.to(a.dtype).cpu()
+
+    starts = range(0, a.numel(), masks.CHUNK)
+    if fused and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="darwin-merge") as pool:
+            list(pool.map(merge_chunk, starts))
+    else:
+        for start in starts:
+            merge_chunk(start)
     return out.reshape(a.shape)
 
 

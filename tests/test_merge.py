@@ -257,3 +257,24 @@ def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_p
     assert raw_bytes(out, layer.format(1, 0)) == raw_bytes(father.path, layer.format(1, 0))
     assert report[layer.format(2, 2)]["dead_expert_donor"] == "father"
     assert "dead_expert_donor" not in report[layer.format(1, 1)]
+
+
+@pytest.mark.parametrize("method", ["darwin-v6", "dare-ties"])
+@pytest.mark.parametrize("densities", [(0.8, 0.6), (0.0, 1.0), (1.0, 0.0)])
+def test_fused_cpu_kernel_gives_the_torch_path_bytes(parents, method, densities, monkeypatch):
+    """CUDA runs the torch forms; CPU runs the C kernel: both must write the same bytes."""
+    import darwin.merge as engine
+
+    if engine._kernels is None:
+        pytest.skip("the C kernel was not built (no compiler): only the torch path exists")
+    genome = v6(density_a=densities[0], density_b=densities[1], merge_method_weight=0.7)
+    plan = plan_merge(parents["father"], parents["mother"], genome, method, base=parents["base"])
+    name = "model.layers.2.mlp.gate_proj.weight"
+    a, b, c = (parents[role].read(name) for role in ("father", "mother", "base"))
+    tp = next(t for t in plan.tensors if t.name == name)
+    monkeypatch.setattr(masks, "CHUNK", 1000)  # several chunks, in parallel threads
+    fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
+    monkeypatch.setattr(engine, "_kernels", None)
+    reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
+    assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
+    assert not torch.equal(fused, a)

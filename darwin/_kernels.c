@@ -1,0 +1,105 @@
+/*
+ * The merge's hot loop on CPU: SPEC.md's counter-based mask bits and a merge form, fused into one pass over
+ * float32 chunks, with the GIL released so chunks run in parallel threads.
+ *
+ * Every float operation is the one darwin/merge.py performs with torch, in the same order and in float32 (built
+ * with -ffp-contract=off so no multiply-add is fused), so this path and the torch path (CUDA) give the same bytes;
+ * tests/test_merge.py holds them to that.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+static inline uint64_t splitmix(uint64_t seed, uint64_t index) {
+    uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ULL;
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ULL;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z;
+}
+
+static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+static int check(Py_buffer *views, int count, Py_ssize_t *n) {
+    *n = views[0].len / (Py_ssize_t)sizeof(float);
+    for (int i = 0; i < count; i++) {
+        if (views[i].len != views[0].len) {
+            PyErr_SetString(PyExc_ValueError, "all buffers must hold the same number of float32 values");
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* darwin_form(out, a, b, start, seed, threshold_b, r): out = a + (keep_b ? (b - a) * r : 0) */
+static PyObject *darwin_form(PyObject *self, PyObject *args) {
+    Py_buffer v[3];
+    unsigned long long start, seed;
+    unsigned int threshold_b;
+    float r;
+    if (!PyArg_ParseTuple(args, "w*y*y*KKIf", &v[0], &v[1], &v[2], &start, &seed, &threshold_b, &r)) return NULL;
+    Py_ssize_t n;
+    int ok = check(v, 3, &n);
+    if (ok) {
+        float *out = v[0].buf;
+        const float *a = v[1].buf, *b = v[2].buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t z = splitmix(seed, start + (uint64_t)i);
+            int keep_b = (uint32_t)(z >> 40) < threshold_b;
+            out[i] = a[i] + (keep_b ? (b[i] - a[i]) * r : 0.0f);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; i < 3; i++) PyBuffer_Release(&v[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dare_ties_form(out, a, b, base, start, seed, threshold_a, threshold_b, scale_a, scale_b, weight_a, weight_b,
+ *                use_a, use_b): DARE drop and rescale (scale = weight / density), TIES sign election, the agreeing
+ * weighted deltas divided by the sum of their weights. use_x is 0 where density_x is 0 (no delta at all). */
+static PyObject *dare_ties_form(PyObject *self, PyObject *args) {
+    Py_buffer v[4];
+    unsigned long long start, seed;
+    unsigned int threshold_a, threshold_b;
+    float scale_a, scale_b, weight_a, weight_b;
+    int use_a, use_b;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*KKIIffffpp", &v[0], &v[1], &v[2], &v[3], &start, &seed, &threshold_a,
+                          &threshold_b, &scale_a, &scale_b, &weight_a, &weight_b, &use_a, &use_b)) return NULL;
+    Py_ssize_t n;
+    int ok = check(v, 4, &n);
+    if (ok) {
+        float *out = v[0].buf;
+        const float *a = v[1].buf, *b = v[2].buf, *c = v[3].buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t z = splitmix(seed, start + (uint64_t)i);
+            int keep_b = (uint32_t)(z >> 40) < threshold_b;
+            int keep_a = (uint32_t)((z >> 16) & 0xFFFFFFu) < threshold_a;
+            float delta_a = (use_a && keep_a) ? (a[i] - c[i]) * scale_a : 0.0f;
+            float delta_b = (use_b && keep_b) ? (b[i] - c[i]) * scale_b : 0.0f;
+            float elected = (delta_a + delta_b >= 0.0f) ? 1.0f : -1.0f;
+            int agree_a = sign_of(delta_a) == elected, agree_b = sign_of(delta_b) == elected;
+            float mixed = (agree_a ? delta_a : 0.0f) + (agree_b ? delta_b : 0.0f);
+            float divisor = (agree_a ? weight_a : 0.0f) + (agree_b ? weight_b : 0.0f);
+            out[i] = c[i] + mixed / (divisor == 0.0f ? 1.0f : divisor);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; i < 4; i++) PyBuffer_Release(&v[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"darwin_form", darwin_form, METH_VARARGS, "fused darwin merge form over float32 buffers"},
+    {"dare_ties_form", dare_ties_form, METH_VARARGS, "fused dare-ties merge form over float32 buffers"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "darwin._kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
