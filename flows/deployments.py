@@ -7,13 +7,12 @@ run per scheduled evolution with the whole DAG under it.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 from prefect import flow
 
 from darwin.config import load_config
-from flows.evolve import run_evolution
+from flows.evolve import default_run_dir, run_evolution
 
 
 @flow(name="darwin-evolve-from-file", log_prints=True)
@@ -22,7 +21,6 @@ def evolve_from_file(config_path: str, run_dir: str | None = None, runs_root: st
     """Evolve the config at CONFIG_PATH into RUN_DIR (default RUNS_ROOT/<father>x<mother>-<time>); re-running into
     an existing RUN_DIR resumes it. CACHE_DIR, shared between runs, keeps a genome from being evaluated twice."""
     config = load_config(config_path)
-    run = Path(run_dir) if run_dir else Path(runs_root) / (
-        f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}")
+    run = Path(run_dir) if run_dir else default_run_dir(config, runs_root)
     summary = run_evolution(config, run, force_release=force_release, cache_dir=cache_dir)
     return {"run_dir": str(run), **summary}

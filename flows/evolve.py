@@ -202,6 +202,10 @@ def task_runner(config: RunConfig):
     return ThreadPoolTaskRunner(max_workers=config.runner.workers or default_workers())
 
 
+def default_run_dir(config: RunConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 def prepare_run(config: RunConfig, run_dir: Path, resume: bool) -> None:
     """A new RUN gets the config; an existing one must have been started with the very same config."""
     saved = run_dir / "config.yaml"
@@ -246,8 +250,7 @@ def command(args: argparse.Namespace) -> int:
         if model:
             Checkpoint(model)  # bad parents fail here, before Prefect starts
     TaskSet(config.phase2.tasks)
-    run_dir = Path(args.out) if args.out else Path("runs") / (
-        f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(args.out) if args.out else default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release)
     best = summary["best"]
     print(f"{run_dir}: best fitness {best['fitness']:.4f} genome {best['genome_hash'][:12]}, "
