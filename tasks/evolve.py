@@ -74,7 +74,7 @@ def report_evolution(rows: list[dict], version: str, blocks: int, run_dir: str, 
     top = evolution.top_genomes(rows, version, blocks)
     create_table_artifact(key="top-genomes", table=top, description="the fittest genomes of the last phase")
     plot = Path(run_dir) / "evolution.png"
-    lines = ["### Evolution\n", f"Best and mean fitness per generation: `{plot}`\n",
+    lines = ["### Evolution\n", f"Best and mean fitness per generation:\n\n![evolution]({plot.resolve().as_uri()})\n",
              "Proxy ranking against Phase 2 fitness (Spearman): " +
              ", ".join(f"{name} {value:.3f}" for name, value in spearman.items() if value is not None)]
     create_markdown_artifact(key="evolution", markdown="\n".join(lines))

@@ -23,5 +23,6 @@ def write_profile(rows_per_shard: list[list[dict]], out: str, label: str) -> str
     create_table_artifact(key=f"mri-{label}", table=mri.summary_table(frame),
                           description=f"MRI of {label}: {len(frame)} tensors, statistics per kind ({path})")
     create_markdown_artifact(key=f"mri-{label}-heatmap", markdown=(
-        f"### MRI heatmap of {label}\n\nEntropy and std per layer and kind: `{Path(out) / 'mri.png'}`\n"))
+        f"### MRI heatmap of {label}\n\nEntropy and std per layer and kind:\n\n"
+        f"![mri-{label}]({(Path(out) / 'mri.png').resolve().as_uri()})\n"))
     return str(path)
