@@ -7,7 +7,8 @@ built once under --work (see profile_bench.py). Every contender runs as its own 
 and its own peak RSS taken from wait4, interleaved round by round (A B C ... A B C ...) so a drift of the shared
 machine hits all of them alike; medians of --repeat rounds are printed.
 - darwin-v5 / dare-ties: the `darwin merge` CLI, genes 0.5 and densities 0.5, statistics computed on the fly
-  (no --mri-*), the dare-ties run with --base;
+  (no --mri-*), the dare-ties run with --base; darwin-v5 once more with both parents' `darwin profile` output
+  given (--mri-father/--mother, as the evolution does), which leaves the merge engine alone;
 - mergekit dare_ties: same three models, weight 0.5 and density 0.5 each, `normalize: true`, dtype bfloat16, CPU,
   `mergekit-yaml config.yaml OUT --lazy-unpickle`, installed into its own venv under --work (torch first, from
   the local CPU wheel, so no CUDA build is pulled);
@@ -46,6 +47,15 @@ for path in sorted(src.iterdir()):
         save_file(load_file(path), dst / path.name, metadata={"format": "pt"})
     else:
         (dst / path.name).write_bytes(path.read_bytes())
+"""
+PROFILE_SCRIPT = """
+import sys
+from pathlib import Path
+from darwin import mri
+from darwin.checkpoint import Checkpoint
+checkpoint = Checkpoint(sys.argv[1])
+rows = [row for shard in checkpoint.shards for row in mri.profile_shard(checkpoint, shard)]
+mri.write_profile(mri.to_frame(rows), Path(sys.argv[2]))
 """
 
 
@@ -87,6 +97,9 @@ def contenders(work: Path, models: dict[str, Path], small: dict[str, Path] | Non
         "darwin dare-ties": (darwin + parents + ["--method", "dare-ties", "--base", str(models["base"]),
                                                  "--out", str(out / "dare")], out / "dare"),
     }
+    mri = ["--mri-father", str(profile(models["father"], work)), "--mri-mother", str(profile(models["mother"], work))]
+    table["darwin-v5 MRI given"] = (darwin + parents + mri + ["--method", "darwin-v5", "--out", str(out / "v5mri")],
+                                    out / "v5mri")
     if venv is not None:
         config = mergekit_config(models, work / "mergekit.yaml")
         table["mergekit dare_ties"] = ([str(venv / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit"),
@@ -98,6 +111,15 @@ def contenders(work: Path, models: dict[str, Path], small: dict[str, Path] | Non
         table["darwin-v5 small"] = (darwin + ["--father", str(small["father"]), "--mother", str(small["mother"]),
                                               "--method", "darwin-v5", "--out", str(out / "small")], out / "small")
     return table
+
+
+def profile(model: Path, work: Path) -> Path:
+    """The static MRI of a parent (`darwin profile`'s core, without Prefect), kept under work. In a child process:
+    a parent that held the checkpoint's pages would lend its RSS to every child forked after it."""
+    out = work / "mri" / f"{model.parent.name}-{model.name}"
+    if not (out / "mri.parquet").exists():
+        subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(model), str(out)], cwd=ROOT, check=True)
+    return out
 
 
 def build_family(work: Path, size: str) -> dict[str, Path]:
@@ -134,19 +156,20 @@ def main() -> None:
             report = out / "merge_report.json"
             result["inner"] = json.loads(report.read_text())["seconds"] if report.exists() else None
             runs[name].append(result)
-            print(f"  round {round_ + 1} {name:20s} {result['wall']:7.2f} s  {result['rss_mb']:6.0f} MB", flush=True)
+            print(f"  round {round_ + 1} {name:20s} {result['wall']:7.2f} s  {result['rss_mb']:6.0f} MB "
+                  f"(anon {result['anon_mb']:.0f} MB)", flush=True)
     shutil.rmtree(args.work / "merge-out", ignore_errors=True)
 
-    med = {name: {key: statistics.median(r[key] for r in rs) for key in ("wall", "rss_mb", "cpu")}
+    med = {name: {key: statistics.median(r[key] for r in rs) for key in ("wall", "rss_mb", "anon_mb", "cpu")}
            for name, rs in runs.items()}
-    print(f"\n{'contender':20s} {'wall s':>7s} {'min-max':>13s} {'cpu s':>7s} {'peak RSS MB':>11s} "
+    print(f"\n{'contender':20s} {'wall s':>7s} {'min-max':>13s} {'cpu s':>7s} {'peak RSS MB':>11s} {'anon MB':>7s} "
           f"{'out GB/s':>8s} {'engine s':>8s}")
     for name, rs in runs.items():
         walls = [r["wall"] for r in rs]
         inner = [r["inner"] for r in rs if r["inner"] is not None]
         out_bytes = checkpoint_bytes(small["father"]) if name.endswith("small") else size
         print(f"{name:20s} {med[name]['wall']:7.2f} {min(walls):6.2f}-{max(walls):<6.2f} {med[name]['cpu']:7.2f} "
-              f"{med[name]['rss_mb']:11.0f} {out_bytes / 1e9 / med[name]['wall']:8.2f} "
+              f"{med[name]['rss_mb']:11.0f} {med[name]['anon_mb']:7.0f} {out_bytes / 1e9 / med[name]['wall']:8.2f} "
               f"{statistics.median(inner) if inner else float('nan'):8.2f}")
     print()
     for name in ("darwin-v5", "darwin dare-ties"):
@@ -157,10 +180,13 @@ def main() -> None:
         print(line)
     if small is not None:
         print(f"peak RSS darwin-v5 {args.size} / {args.small}: "
-              f"{med['darwin-v5']['rss_mb']:.0f} / {med['darwin-v5 small']['rss_mb']:.0f} MB "
+              f"{med['darwin-v5']['rss_mb']:.0f} / {med['darwin-v5 small']['rss_mb']:.0f} MB, of it anonymous "
+              f"{med['darwin-v5']['anon_mb']:.0f} / {med['darwin-v5 small']['anon_mb']:.0f} MB "
               f"for checkpoints of {size / 1e9:.2f} / {checkpoint_bytes(small['father']) / 1e9:.2f} GB")
     print(f"medians of {args.repeat} interleaved rounds; wall = the whole child process (interpreter and imports "
-          f"included), engine s = darwin's own merge_report seconds; load now {os.getloadavg()[0]:.1f}")
+          f"included), engine s = darwin's own merge_report seconds; peak RSS (VmHWM) counts the pages of the "
+          f"memory-mapped inputs, anon MB only the memory the process owns (both sampled every 20 ms); "
+          f"load now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

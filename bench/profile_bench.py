@@ -18,10 +18,10 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,20 +87,45 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def _sample_rss(pid: int, peaks: dict[str, float], done: threading.Event) -> None:
+    """Peaks of a process's RSS, sampled every 20 ms from /proc/PID/status (Linux).
+
+    VmHWM is the kernel's own high-water mark of the process's RSS. (wait4's ru_maxrss is not used: when the
+    child is forked before its exec, it starts out counting the parent's pages.) RSS counts the pages of
+    memory-mapped files too: safetensors maps every shard it reads, so a reader's RSS grows with the files it
+    touches although the kernel may drop those pages at any time; RssAnon is the memory the process owns."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except (OSError, ValueError):
+            return
+        for key, column in (("VmHWM", "rss_mb"), ("RssAnon", "anon_mb")):
+            if key in fields:
+                peaks[column] = max(peaks[column], int(fields[key].split()[0]) / 1024)
+        if done.wait(0.02):
+            return
+
+
 def run_measured(command: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
-    """Run a command as a child process: its wall seconds and its own peak RSS (from wait4's rusage, so the
-    figure is that one process's, never a maximum over earlier children). Prints the output when it fails."""
+    """Run a command as a child process: wall seconds, CPU seconds (wait4), and the sampled peaks of its RSS and
+    of its anonymous RSS. Raises with the end of its output when it fails."""
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
                              env={**os.environ, **(env or {})})
+    peaks, done = {"rss_mb": 0.0, "anon_mb": 0.0}, threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(child.pid, peaks, done), daemon=True)
+    sampler.start()
     output = child.stdout.read()
+    done.set()
+    sampler.join()
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
     text = output.decode(errors="replace")
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed ({child.returncode}):\n{text[-3000:]}")
-    return {"wall": wall, "rss_mb": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime, "output": text}
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "output": text, **peaks}
 
 
 def _child(kind: str, model: str, out: str) -> None:
@@ -123,8 +148,7 @@ def _child(kind: str, model: str, out: str) -> None:
         rows = None
     seconds = time.perf_counter() - started
     print(RESULT + json.dumps({"seconds": seconds, "import_seconds": started - import_started,
-                      "tensors": len(rows) if rows is not None else None,
-                      "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "tensors": len(rows) if rows is not None else None}))
 
 
 def measure(kind: str, model: Path, work: Path, repeat: int) -> dict:
@@ -134,7 +158,8 @@ def measure(kind: str, model: Path, work: Path, repeat: int) -> dict:
                                "--out", str(work / f"profile-{kind}")])
         inner = json.loads(result["output"].rpartition(RESULT)[2].splitlines()[0])
         runs.append({**result, **inner})
-    return {key: statistics.median(r[key] for r in runs) for key in ("wall", "seconds", "import_seconds", "rss_mb")} | {
+    keys = ("wall", "seconds", "import_seconds", "rss_mb", "anon_mb")
+    return {key: statistics.median(r[key] for r in runs) for key in keys} | {
         "spread": (min(r["seconds"] for r in runs), max(r["seconds"] for r in runs))}
 
 
@@ -156,14 +181,15 @@ def main() -> None:
     print(f"checkpoint {model}: {size / 1e9:.2f} GB in {len(list(model.glob('*.safetensors')))} shards "
           f"(ready in {time.perf_counter() - started:.1f} s); {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     print(f"{'measure':8s} {'seconds':>8s} {'GB/s':>6s} {'min-max s':>12s} {'process s':>10s} {'import s':>9s} "
-          f"{'peak RSS MB':>12s}")
+          f"{'peak RSS MB':>12s} {'anon MB':>8s}")
     for kind in ("core", "flow"):
         m = measure(kind, model, args.work, args.repeat)
         print(f"{kind:8s} {m['seconds']:8.2f} {size / 1e9 / m['seconds']:6.2f} "
               f"{m['spread'][0]:5.2f}-{m['spread'][1]:<6.2f} {m['wall']:10.2f} {m['import_seconds']:9.2f} "
-              f"{m['rss_mb']:12.0f}")
+              f"{m['rss_mb']:12.0f} {m['anon_mb']:8.0f}")
     print(f"medians of {args.repeat} runs, each in a fresh process; seconds = the profile itself (after imports), "
-          f"process s = the whole child process; load now {os.getloadavg()[0]:.1f}")
+          f"process s = the whole child process; peak RSS (VmHWM) counts the mapped checkpoint pages, anon MB "
+          f"does not (both sampled every 20 ms); load now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
