@@ -10,7 +10,7 @@ import transformers as tf
 import yaml
 
 from darwin.demo import skills
-from darwin.demo.parents import build_parents
+from darwin.demo.parents import build_parents, recipe_for
 from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import accuracy
 
@@ -69,12 +69,16 @@ def test_tokenizer_round_trips(tmp_path):
 @pytest.mark.slow
 def test_small_parents_each_lead_on_their_skill(tmp_path):
     paths = build_parents(tmp_path / "parents", seed=0, small=True)
-    assert build_parents(tmp_path / "parents", seed=0, small=True) == paths  # cached: returns at once
+    built = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in paths.items()}
+    assert build_parents(tmp_path / "parents", seed=0, small=True) == paths
+    assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in paths.items()} == built
     tokenizer = tf.AutoTokenizer.from_pretrained(paths["father"])
+    known = recipe_for(small=True).facts_per_skill  # the reduced build learns only the first dev facts
     scores = {}
     for name in ("father", "mother"):
         model = tf.AutoModelForCausalLM.from_pretrained(paths[name])
         assert type(model).__name__ == "Qwen3_5ForCausalLM"
-        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, 0)["dev"]) for s in skills.SKILLS}
+        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, 0)["dev"][:known])
+                        for s in skills.SKILLS}
     assert scores["father"][skills.SKILL_A] > scores["mother"][skills.SKILL_A] + 0.05, scores
     assert scores["mother"][skills.SKILL_B] > scores["father"][skills.SKILL_B] + 0.05, scores

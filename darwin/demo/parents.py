@@ -3,7 +3,7 @@
 - base: a Qwen3.5 hybrid model trained from scratch on a mix holding a random share of each skill's facts, so it
   partly knows both skills, as a pretrained model would;
 - father: the base fully fine-tuned on every fact of skill A;
-- mother: the base with a peft LoRA on its attention projections fine-tuned on every fact of skill B, merged into
+- mother: the base with a peft LoRA on every decoder linear fine-tuned on every fact of skill B, merged into
   the weights (merge_and_unload), as the mother in the model cards is a LoRA SFT of the shared base.
 Both fine-tunes replay the base's mix so that each keeps the other skill. Checkpoints are saved in float32 (the
 deltas are small: bfloat16 would round part of them away) with the character tokenizer.
@@ -28,7 +28,9 @@ from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import model_config, qa_pairs, train
 
 CODE_VERSION = 1  # bump when a change to this package changes the parents' bytes
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"]
+# every decoder linear: a LoRA on the attention projections only was measured to merge worse (darwin/demo/README.md)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
+                "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -39,23 +41,32 @@ class Recipe:
     base_steps: int = 400
     base_lr: float = 3e-3
     father_steps: int = 150
-    father_lr: float = 1e-3
+    father_lr: float = 5e-4
     mother_steps: int = 150
-    mother_lr: float = 3e-3
+    mother_lr: float = 2e-3
     lora_rank: int = 16
     replay_share: float = 0.3
+    facts_per_skill: int | None = None  # None: the whole table; fewer makes a quick build for tests (dev comes first)
 
 
-SMALL = Recipe(hidden=64, base_share=0.5, base_steps=120, base_lr=5e-3, father_steps=60, father_lr=3e-3,
-               mother_steps=60, mother_lr=1e-2)
+SMALL = Recipe(hidden=64, base_share=0.5, base_steps=150, base_lr=5e-3, father_steps=60, father_lr=3e-3,
+               mother_steps=60, mother_lr=1e-2, facts_per_skill=100)
 
 
-def base_mix(share: float, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(f"{seed}:base-mix")
+def recipe_for(small: bool) -> Recipe:
+    return SMALL if small else Recipe()
+
+
+def fact_rows(skill_name: str, seed: int, recipe: Recipe) -> list[dict]:
+    return skills.splits(skill_name, seed)["train"][: recipe.facts_per_skill]
+
+
+def base_mix(seed: int, recipe: Recipe) -> list[tuple[str, str]]:
+    rng = random.Random(f"{seed}:mix")
     mix = []
     for skill_name in skills.SKILLS:
-        rows = skills.splits(skill_name, seed)["train"]
-        mix += qa_pairs(rng.sample(rows, round(share * len(rows))))
+        rows = fact_rows(skill_name, seed, recipe)
+        mix += qa_pairs(rng.sample(rows, round(recipe.base_share * len(rows))))
     return mix
 
 
@@ -72,7 +83,7 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
     """{"base", "father", "mother"} -> checkpoint dirs under `out_dir`, built once per (seed, recipe, code
     version): a second call finds `parents.json` with the same key and returns at once."""
     out = Path(out_dir)
-    recipe = SMALL if small else Recipe()
+    recipe = recipe_for(small)
     key = hashlib.sha256(json.dumps({"seed": seed, "code": CODE_VERSION, **asdict(recipe)}, sort_keys=True)
                          .encode()).hexdigest()[:16]
     paths = {name: out / name for name in ("base", "father", "mother")}
@@ -82,8 +93,8 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     tokenizer = build_tokenizer()
-    facts = {name: qa_pairs(skills.splits(name, seed)["train"]) for name in skills.SKILLS}
-    mix = base_mix(recipe.base_share, seed)
+    facts = {name: qa_pairs(fact_rows(name, seed, recipe)) for name in skills.SKILLS}
+    mix = base_mix(seed, recipe)
     seconds = {}
 
     start = time.time()
@@ -103,6 +114,7 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
     log(f"father: full fine-tune on {skills.SKILL_A}, {recipe.father_steps} steps in {seconds['father']:.0f} s")
 
     start = time.time()
+    torch.manual_seed(seed + 2)  # the LoRA's initialisation
     lora = peft.get_peft_model(
         tf.Qwen3_5ForCausalLM.from_pretrained(paths["base"]),
         peft.LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, target_modules=LORA_TARGETS))
