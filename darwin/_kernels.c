@@ -58,17 +58,17 @@ static PyObject *darwin_form(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* dare_ties_form(out, a, b, base, start, seed, threshold_a, threshold_b, scale_a, scale_b, weight_a, weight_b,
- *                use_a, use_b): DARE drop and rescale (scale = weight / density), TIES sign election, the agreeing
- * weighted deltas divided by the sum of their weights. use_x is 0 where density_x is 0 (no delta at all). */
+/* dare_ties_form(out, a, b, base, start, seed, threshold_a, threshold_b, scale_a, scale_b, use_a, use_b): DARE
+ * drop and rescale (scale = weight / density), TIES sign election, the agreeing weighted deltas summed. use_x is 0
+ * where density_x is 0 (no delta at all). */
 static PyObject *dare_ties_form(PyObject *self, PyObject *args) {
     Py_buffer v[4];
     unsigned long long start, seed;
     unsigned int threshold_a, threshold_b;
-    float scale_a, scale_b, weight_a, weight_b;
+    float scale_a, scale_b;
     int use_a, use_b;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*KKIIffffpp", &v[0], &v[1], &v[2], &v[3], &start, &seed, &threshold_a,
-                          &threshold_b, &scale_a, &scale_b, &weight_a, &weight_b, &use_a, &use_b)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*KKIIffpp", &v[0], &v[1], &v[2], &v[3], &start, &seed, &threshold_a,
+                          &threshold_b, &scale_a, &scale_b, &use_a, &use_b)) return NULL;
     Py_ssize_t n;
     int ok = check(v, 4, &n);
     if (ok) {
@@ -83,9 +83,7 @@ static PyObject *dare_ties_form(PyObject *self, PyObject *args) {
             float delta_b = (use_b && keep_b) ? (b[i] - c[i]) * scale_b : 0.0f;
             float elected = (delta_a + delta_b >= 0.0f) ? 1.0f : -1.0f;
             int agree_a = sign_of(delta_a) == elected, agree_b = sign_of(delta_b) == elected;
-            float mixed = (agree_a ? delta_a : 0.0f) + (agree_b ? delta_b : 0.0f);
-            float divisor = (agree_a ? weight_a : 0.0f) + (agree_b ? weight_b : 0.0f);
-            out[i] = c[i] + mixed / (divisor == 0.0f ? 1.0f : divisor);
+            out[i] = c[i] + ((agree_a ? delta_a : 0.0f) + (agree_b ? delta_b : 0.0f));
         }
         Py_END_ALLOW_THREADS
     }

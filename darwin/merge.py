@@ -8,8 +8,10 @@ previous one (threads), so a merge costs about as much as copying a checkpoint. 
 Forms (SPEC.md "Merge"), with r the tensor's final ratio:
 - darwin (father A is the base):  A + (B - A) * keep_b * r
 - dare-ties (explicit base C):    task vectors A-C, B-C; DARE drop with density_a / density_b and rescale by
-  1/density; weights (1-r, r); TIES sign election by the sign of the weighted sum; the agreeing weighted deltas
-  summed and divided by the sum of their weights, as mergekit's dare_ties does with `normalize: true`.
+  1/density; weights w_a = min(1, 2(1-r)), w_b = min(1, 2r); TIES sign election by the sign of the weighted sum;
+  the agreeing weighted deltas summed (SPEC's weighted sum: mergekit's dare_ties with `normalize: false`). So r
+  walks from the father (r=0) through task arithmetic C + (A-C) + (B-C) under TIES (r=0.5) to the mother (r=1);
+  r=0.75 is C + 0.5(A-C) + (B-C). Weights (1-r, r) could only interpolate, never add two skills.
 - V6 genomes blend: w * form + (1 - w) * (A + (B - A) * r), w = merge_method_weight.
 
 On CPU the mask bits and the form run fused in one C pass per chunk (`darwin/_kernels.c`, chunks in parallel
@@ -47,15 +49,18 @@ def darwin_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
     return a + torch.where(keep_b, (b - a) * r, 0.0)
 
 
+def task_weights(r: float) -> tuple[float, float]:
+    """(w_a, w_b) of the dare-ties weighted sum for a final ratio r."""
+    return min(1.0, 2.0 * (1.0 - r)), min(1.0, 2.0 * r)
+
+
 def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
-    weight_a, weight_b = 1.0 - r, r
+    weight_a, weight_b = task_weights(r)
     delta_a = torch.where(keep_a, (a - base) * (weight_a / density_a), 0.0) if density_a > 0 else torch.zeros_like(a)
     delta_b = torch.where(keep_b, (b - base) * (weight_b / density_b), 0.0) if density_b > 0 else torch.zeros_like(b)
     elected = torch.where(delta_a + delta_b >= 0, 1.0, -1.0)
     agree_a, agree_b = torch.sign(delta_a) == elected, torch.sign(delta_b) == elected
-    mixed = torch.where(agree_a, delta_a, 0.0) + torch.where(agree_b, delta_b, 0.0)
-    divisor = torch.where(agree_a, weight_a, 0.0) + torch.where(agree_b, weight_b, 0.0)
-    return base + mixed / torch.where(divisor == 0, 1.0, divisor)
+    return base + (torch.where(agree_a, delta_a, 0.0) + torch.where(agree_b, delta_b, 0.0))
 
 
 def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b):
@@ -63,11 +68,11 @@ def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b):
 
 
 def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b):
-    weight_a, weight_b = 1.0 - r, r
+    weight_a, weight_b = task_weights(r)
     _kernels.dare_ties_form(out, a, b, base, start, seed, masks.threshold(density_a), masks.threshold(density_b),
                             weight_a / density_a if density_a > 0 else 0.0,
                             weight_b / density_b if density_b > 0 else 0.0,
-                            weight_a, weight_b, density_a > 0, density_b > 0)
+                            density_a > 0, density_b > 0)
 
 
 @dataclass(frozen=True)

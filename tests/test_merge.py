@@ -96,12 +96,11 @@ def test_dare_ties_matches_a_direct_torch_computation(parents, tmp_path):
         r = report["tensors"][name]["final_ratio"]
         a, b, c = (parents[k].read(name).double() for k in ("father", "mother", "base"))
         u_a, u_b = (torch.from_numpy(u).reshape(a.shape) for u in reference_uniforms(genome.hash, name, a.numel()))
-        tv_a = (a - c) * (u_a < V5["density_a"]) / V5["density_a"] * (1 - r)
-        tv_b = (b - c) * (u_b < V5["density_b"]) / V5["density_b"] * r
+        tv_a = (a - c) * (u_a < V5["density_a"]) / V5["density_a"] * min(1, 2 * (1 - r))
+        tv_b = (b - c) * (u_b < V5["density_b"]) / V5["density_b"] * min(1, 2 * r)
         sign = torch.where(tv_a + tv_b >= 0, 1.0, -1.0).double()
         in_a, in_b = (torch.sign(tv_a) == sign), (torch.sign(tv_b) == sign)
-        weight = in_a * (1 - r) + in_b * r
-        expected = c + (tv_a * in_a + tv_b * in_b) / torch.where(weight == 0, 1.0, weight)
+        expected = c + tv_a * in_a + tv_b * in_b
         got = Checkpoint(out).read(name).double()
         # float32 in the engine against float64 here: equal after rounding to bf16 but for values on a rounding
         # boundary, which move by one bf16 step (2^-8 relative) at most
@@ -278,3 +277,21 @@ def test_fused_cpu_kernel_gives_the_torch_path_bytes(parents, method, densities,
     reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
     assert not torch.equal(fused, a)
+
+
+def test_dare_ties_spans_father_task_arithmetic_and_mother(parents, tmp_path):
+    """Density 1, mri_trust 0: r = 0 is the father, r = 0.5 the TIES sum of both task vectors, r = 1 the mother."""
+    def child(ratio):
+        genome = v6(global_ratio=ratio, attn_ratio=ratio, ffn_ratio=ratio, embed_ratio=ratio, density_a=1.0,
+                    density_b=1.0)
+        plan = plan_merge(parents["father"], parents["mother"], genome, "dare-ties", base=parents["base"])
+        return merge_to_dir(plan, tmp_path / f"r{ratio}")
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    a, b, c = (parents[k].read(name).float() for k in ("father", "mother", "base"))
+    assert torch.equal(Checkpoint(child(0.0)).read(name), parents["father"].read(name))
+    assert torch.equal(Checkpoint(child(1.0)).read(name), parents["mother"].read(name))
+    tv_a, tv_b = a - c, b - c
+    sign = torch.where(tv_a + tv_b >= 0, 1.0, -1.0)
+    expected = c + torch.where(torch.sign(tv_a) == sign, tv_a, 0.0) + torch.where(torch.sign(tv_b) == sign, tv_b, 0.0)
+    assert torch.equal(Checkpoint(child(0.5)).read(name), expected.to(torch.bfloat16))
