@@ -101,13 +101,16 @@ def flow(parents: dict[str, Path], tasks: list[str], args, cache: Path, run: Pat
     from flows import evolve
 
     ends: dict[int, float] = {}
+    recording: dict[int, float] = {}
     phase2_start: list[float] = []
     real_record, real_progress = evolve.record_generation, evolve.start_progress
 
     def timed_record(state, phase, generation, *rest, **kwargs):
+        mark = time.perf_counter()
         result = real_record(state, phase, generation, *rest, **kwargs)
         if phase == 2:
             ends[generation] = time.perf_counter()
+            recording[generation] = ends[generation] - mark
         return result
 
     def timed_progress(phase, steps, done):
@@ -128,7 +131,8 @@ def flow(parents: dict[str, Path], tasks: list[str], args, cache: Path, run: Pat
     print(f"\n2. flow end to end ({args.workers} worker(s)): {total:.1f} s in all; phases "
           + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items() if k != "total"))
     worker_time = " (worker seconds)" if args.workers > 1 else ""
-    print(f"{'gen':>4s} {'wall s':>7s} {'merge':>6s} {'eval':>6s} {'orch.':>6s}   merge s  eval s{worker_time}")
+    print(f"{'gen':>4s} {'wall s':>7s} {'merge':>6s} {'eval':>6s} {'orch.':>6s}   merge s  eval s  record s"
+          f"{worker_time}")
     previous = phase2_start[0]
     shares = []
     for generation in sorted(ends):
@@ -139,9 +143,10 @@ def flow(parents: dict[str, Path], tasks: list[str], args, cache: Path, run: Pat
         orchestration = max(0.0, wall - (merge + evaluate) / args.workers)
         shares.append(orchestration / wall)
         print(f"{generation:4d} {wall:7.2f} {merge / args.workers / wall:6.1%} {evaluate / args.workers / wall:6.1%} "
-              f"{orchestration / wall:6.1%}   {merge:7.2f} {evaluate:7.2f}", flush=True)
+              f"{orchestration / wall:6.1%}   {merge:7.2f} {evaluate:7.2f} {recording[generation]:9.2f}", flush=True)
     print(f"   median orchestration share {statistics.median(shares):.1%}; a generation's wall runs from the end of "
-          f"the previous one's record task to the end of its own (ask, fan-out, gather, tell, records)")
+          f"the previous one's record task to the end of its own (ask, fan-out, gather, tell, records); record s: "
+          f"the record task (state, history.parquet, evolution.png, progress artifact), part of orchestration")
 
 
 def main() -> None:
