@@ -9,7 +9,8 @@ machine hits all of them alike; medians of --repeat rounds are printed.
 - darwin-v5 / dare-ties: the `darwin merge` CLI, genes 0.5 and densities 0.5, statistics computed on the fly
   (no --mri-*), the dare-ties run with --base; darwin-v5 once more with both parents' `darwin profile` output
   given (--mri-father/--mother, as the evolution does), which leaves the merge engine alone;
-- mergekit dare_ties: same three models, weight 0.5 and density 0.5 each, `normalize: true`, dtype bfloat16, CPU,
+- mergekit dare_ties: same three models, density 0.5 and weight 1.0 each, `normalize: false` (darwin's dare-ties
+  at r = 0.5: weights min(1, 2(1-r)) and min(1, 2r), unnormalised), dtype bfloat16, CPU,
   `mergekit-yaml config.yaml OUT --lazy-unpickle`, installed into its own venv under --work (torch first, from
   the local CPU wheel, so no CUDA build is pulled);
 - copy (the I/O floor): a Python process that reads every tensor of one checkpoint with safetensors and writes
@@ -76,9 +77,9 @@ def mergekit_config(models: dict[str, Path], path: Path) -> Path:
     config = {
         "merge_method": "dare_ties",
         "base_model": str(models["base"]),
-        "models": [{"model": str(models[role]), "parameters": {"weight": 0.5, "density": 0.5}}
+        "models": [{"model": str(models[role]), "parameters": {"weight": 1.0, "density": 0.5}}
                    for role in ("father", "mother")],
-        "parameters": {"normalize": True},
+        "parameters": {"normalize": False},
         "dtype": "bfloat16",
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
