@@ -151,8 +151,10 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     out = torch.empty(a.numel(), dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
 
+    chunk = masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
+
     def merge_chunk(start: int) -> None:
-        stop = min(a.numel(), start + masks.CHUNK)
+        stop = min(a.numel(), start + chunk)
         ca = flat_a[start:stop].to(device=device, dtype=torch.float32)
         cb = flat_b[start:stop].to(device=device, dtype=torch.float32)
         cbase = flat_base[start:stop].to(device=device, dtype=torch.float32) if flat_base is not None else None
@@ -168,7 +170,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
             merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
         out[start:stop] = merged.to(a.dtype).cpu()
 
-    starts = range(0, a.numel(), masks.CHUNK)
+    starts = range(0, a.numel(), chunk)
     if fused and len(starts) > 1:
         with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="darwin-merge") as pool:
             list(pool.map(merge_chunk, starts))
@@ -178,14 +180,21 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     return out.reshape(a.shape)
 
 
+def parent_stats(plan: MergePlan, name: str, a: torch.Tensor, b: torch.Tensor, device: str = "cpu"
+                 ) -> tuple[dict, dict] | None:
+    """Both parents' MRI statistics of a tensor: from their profiles, else computed from the tensors in hand."""
+    if not a.is_floating_point():
+        return None
+    return (plan.mri_a.get(name) or tensor_stats(a.to(device)), plan.mri_b.get(name) or tensor_stats(b.to(device)))
+
+
 def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
-                 device: str = "cpu") -> tuple[torch.Tensor, dict]:
-    """One output tensor and its merge-report entry."""
+                 device: str = "cpu", stats: tuple[dict, dict] | None = None) -> tuple[torch.Tensor, dict]:
+    """One output tensor and its merge-report entry (`stats`: `parent_stats`, computed here when not given)."""
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
     if not a.is_floating_point():
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
-    stats_a = plan.mri_a.get(tp.name) or tensor_stats(a.to(device))
-    stats_b = plan.mri_b.get(tp.name) or tensor_stats(b.to(device))
+    stats_a, stats_b = stats or parent_stats(plan, tp.name, a, b, device)
     ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
@@ -205,20 +214,23 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tens
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
                    ) -> Iterator[tuple[str, torch.Tensor, dict]]:
-    """(name, tensor, report entry) in plan order; the next tensors are read while this one is merged."""
-    todo = [tp for tp in plan.tensors if names is None or tp.name in set(names)]
+    """(name, tensor, report entry) in plan order; the next tensors are read, and their MRI statistics computed,
+    while this one is merged."""
+    wanted = set(names) if names is not None else None
+    todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
 
     def read(tp: TensorPlan):
-        return (plan.father.read(tp.name), plan.mother.read(tp.name),
-                plan.base.read(tp.name) if plan.base is not None else None)
+        a, b = plan.father.read(tp.name), plan.mother.read(tp.name)
+        base = plan.base.read(tp.name) if plan.base is not None else None
+        return a, b, base, parent_stats(plan, tp.name, a, b, device)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-read") as reader:
         pending = reader.submit(read, todo[0]) if todo else None
         for index, tp in enumerate(todo):
-            a, b, base = pending.result()
+            a, b, base, stats = pending.result()
             if index + 1 < len(todo):
                 pending = reader.submit(read, todo[index + 1])
-            tensor, row = merge_tensor(plan, tp, a, b, base, device)
+            tensor, row = merge_tensor(plan, tp, a, b, base, device, stats)
             yield tp.name, tensor, row
 
 
