@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from darwin.evaluate import multiple_choice_task_file
+
 LABELS = ("A", "B", "C", "D")
 DEV_SIZE = 300
 TEST_SIZE = 500
@@ -101,40 +103,14 @@ def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-TASK_YAML = """\
-task: {task}
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-should_decontaminate: true
-doc_to_decontamination_query: "Question: {{{{question}}}}\\nAnswer:"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
 def task_name(skill_name: str, split: str) -> str:
     return f"demo_{skill_name}_{split}"
 
 
 def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str, Path]]:
     """Write each skill's splits as JSONL and an lm-eval task YAML per dev/test split (arc_challenge's shape,
-    local data). Returns {skill: {"train"|"dev"|"test": jsonl path, "dev_yaml"|"test_yaml": task file}}; the task
-    names are `task_name(skill, split)`."""
+    local data, via darwin.evaluate). Returns {skill: {"train"|"dev"|"test": jsonl, "dev_yaml"|"test_yaml": task
+    file}}; the task names are `task_name(skill, split)`."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {}
@@ -145,8 +121,6 @@ def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str,
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             paths[split] = path
             if split != "train":
-                yaml_path = out / f"{task_name(skill_name, split)}.yaml"
-                yaml_path.write_text(TASK_YAML.format(task=task_name(skill_name, split), data_file=json.dumps(str(path))))
-                paths[f"{split}_yaml"] = yaml_path
+                paths[f"{split}_yaml"] = multiple_choice_task_file(task_name(skill_name, split), {"test": path}, out)
         written[skill_name] = paths
     return written
