@@ -25,7 +25,7 @@ import torch
 
 from darwin.errors import DarwinError
 from darwin.probes import batches, decoder_layers
-from darwin.report import png, write_atomic, write_parquet
+from darwin.report import png, read_table, write_table
 
 COLUMNS = ["layer", "expert", "frequency", "entropy", "dead"]
 DEAD_SHARE = 0.05
@@ -150,19 +150,11 @@ def plot_routing(frame: pd.DataFrame, title: str = "expert activation frequency"
 
 def write_routing(frame: pd.DataFrame, out: str | os.PathLike) -> Path:
     """`routing.parquet` (the dead rule in its pandas metadata, `attrs`) and `routing.png`, written atomically."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(frame, out / "routing.parquet")
-    write_atomic(out / "routing.png", plot_routing(frame))
-    return out / "routing.parquet"
+    return write_table(frame, out, "routing", plot_routing(frame))
 
 
 def read_routing(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    path = path / "routing.parquet" if path.is_dir() else path
-    if not path.is_file():
-        raise DarwinError(f"routing stats {path} do not exist (run `darwin probe` on the MoE model first)")
-    return pd.read_parquet(path)
+    return read_table(path, "routing", "run `darwin probe` on the MoE model first")
 
 
 def routing_table(frame: pd.DataFrame) -> list[dict]:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from darwin.checkpoint import Checkpoint, dtype_name
-from darwin.report import png, write_atomic, write_parquet
+from darwin.report import png, read_table, write_table
 
 BINS = 256
 COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
@@ -60,13 +60,11 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def write_profile(frame: pd.DataFrame, out: Path) -> Path:
     """`mri.parquet` plus `mri.png` (layer x kind heatmaps of entropy and std), each written atomically."""
-    write_atomic(out / "mri.png", heatmap_png(frame))
-    return write_parquet(frame, out / "mri.parquet")
+    return write_table(frame, out, "mri", heatmap_png(frame))
 
 
 def read_profile(path: Path) -> pd.DataFrame:
-    path = Path(path)
-    return pd.read_parquet(path / "mri.parquet" if path.is_dir() else path)
+    return read_table(path, "mri", "run `darwin profile` first")
 
 
 def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:

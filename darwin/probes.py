@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from darwin.errors import DarwinError
-from darwin.report import png, write_atomic, write_parquet
+from darwin.report import png, read_table, write_table
 from darwin.runtime import pick_device
 
 COLUMNS = ["layer", "probe", "importance"]
@@ -189,19 +189,11 @@ def plot_importance(frame: pd.DataFrame, title: str = "probe layer importance") 
 
 def write_importance(frame: pd.DataFrame, out: str | os.PathLike) -> Path:
     """`probes.parquet` and `probes.png` in `out`, each written atomically; returns the parquet path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(frame, out / "probes.parquet")
-    write_atomic(out / "probes.png", plot_importance(frame))
-    return out / "probes.parquet"
+    return write_table(frame, out, "probes", plot_importance(frame))
 
 
 def read_importance(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    path = path / "probes.parquet" if path.is_dir() else path
-    if not path.is_file():
-        raise DarwinError(f"probe importance {path} does not exist (run `darwin probe` first)")
-    return pd.read_parquet(path)
+    return read_table(path, "probes", "run `darwin probe` first")
 
 
 def importance_table(frame: pd.DataFrame) -> list[dict]:

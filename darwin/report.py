@@ -37,3 +37,20 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
 
 def write_json(path: Path, payload: dict) -> Path:
     return write_atomic(path, json.dumps(payload, indent=2, default=str).encode())
+
+
+def write_table(frame: pd.DataFrame, out: str | Path, stem: str, plot: bytes) -> Path:
+    """`OUT/<stem>.parquet` and its picture `OUT/<stem>.png`; returns the parquet path."""
+    write_atomic(Path(out) / f"{stem}.png", plot)
+    return write_parquet(frame, Path(out) / f"{stem}.parquet")
+
+
+def read_table(path: str | Path, stem: str, hint: str) -> pd.DataFrame:
+    """A table written by `write_table`, from its directory or its parquet path; `hint` says how to make it."""
+    from darwin.errors import DarwinError
+
+    path = Path(path)
+    path = path / f"{stem}.parquet" if path.is_dir() else path
+    if not path.is_file():
+        raise DarwinError(f"{path} does not exist ({hint})")
+    return pd.read_parquet(path)
