@@ -37,6 +37,8 @@ def run_heuristic_phase(state: evolution.PhaseState, steps: int, prescription: d
                         ) -> evolution.PhaseState:
     """Phase 1 on the cards' heuristic: thousands of formula evaluations, one task (no merge is involved)."""
     layout = evolution.RunLayout(Path(run_dir))
+    if state.search.generation >= steps:
+        return state  # a resumed run: history.parquet already holds these rows and maybe Phase 2's after them
     while state.search.generation < steps:
         genomes = state.search.ask()
         scores = [heuristic_fitness(g, prescription) for g in genomes]

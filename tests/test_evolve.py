@@ -130,6 +130,9 @@ def test_interrupted_run_resumes_and_matches(prefect_api, pico_family, tmp_path,
     columns = ["phase", "generation", "genome_hash", "fitness"]
     pd.testing.assert_frame_equal(history(tmp_path / "straight")[columns], history(tmp_path / "resumed")[columns])
     assert resumed["best"] == straight["best"]
+    again = evolve.run_evolution(config, tmp_path / "resumed", resume=True, cache_dir=str(tmp_path / "cache-b"))
+    assert len(calls) == 2 * 3 and again["best"] == straight["best"]  # a finished run resumes to the same end
+    pd.testing.assert_frame_equal(history(tmp_path / "straight")[columns], history(tmp_path / "resumed")[columns])
 
 
 def test_failed_merge_is_retried_and_a_hopeless_genome_scores_worst(prefect_api, pico_family, tmp_path,
