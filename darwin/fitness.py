@@ -24,6 +24,7 @@ from darwin.evaluate import TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
 from darwin.prescribe import load_signals
+from darwin.runtime import load_pretrained
 
 # Phase 1's measured proxy: the same tasks on their first questions only.
 MEASURED_LIMIT = 16
@@ -92,7 +93,7 @@ def _prepare(parents: Parents, device: str):
         _worker.mri = (load_mri(parents.mri_father), load_mri(parents.mri_mother))
         _worker.signals = (load_signals(parents.probes_father), load_signals(parents.probes_mother))
         dtype = next(iter(father.tensors.values())).dtype
-        _worker.model = AutoModelForCausalLM.from_pretrained(father.path, dtype=dtype).to(device).eval()
+        _worker.model = load_pretrained(AutoModelForCausalLM, father.path, dtype=dtype).to(device).eval()
         _worker.tokenizer = AutoTokenizer.from_pretrained(father.path)
         _worker.key, _worker.model_device = parents, device
     return _worker

@@ -26,7 +26,7 @@ import torch
 
 from darwin.errors import DarwinError
 from darwin.report import png, read_table, write_table
-from darwin.runtime import pick_device
+from darwin.runtime import load_pretrained, pick_device
 
 COLUMNS = ["layer", "probe", "importance"]
 POOLS = ("last", "mean")
@@ -74,8 +74,8 @@ def load_model(path_or_model, device: str = "auto", trust_remote_code: bool = Fa
         from darwin.checkpoint import resolve
 
         source = resolve(path_or_model)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", device_map=device,
-                                                     trust_remote_code=trust_remote_code)
+        model = load_pretrained(AutoModelForCausalLM, source, dtype="auto", device_map=device,
+                                trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

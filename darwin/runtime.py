@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from darwin.errors import DarwinError
@@ -15,3 +17,15 @@ def pick_device(device: str = "auto") -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise DarwinError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
     return device
+
+
+# transformers 5.23's from_pretrained is not thread-safe: two threads loading at once can leave a tied lm_head on the
+# meta device or freshly initialised, which silently ruins every score after it (seen in the demo's held-out
+# scoring). Every model load in darwin goes through this lock; loads are short next to what follows them.
+MODEL_LOAD_LOCK = threading.Lock()
+
+
+def load_pretrained(model_cls, source, **kwargs):
+    """`model_cls.from_pretrained(source, **kwargs)`, one load at a time in this process."""
+    with MODEL_LOAD_LOCK:
+        return model_cls.from_pretrained(source, **kwargs)

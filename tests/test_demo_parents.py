@@ -10,7 +10,7 @@ import transformers as tf
 import yaml
 
 from darwin.demo import skills
-from darwin.demo.parents import build_parents, recipe_for
+from darwin.demo.parents import build_parents, known_questions, recipe_for
 from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import accuracy
 
@@ -73,7 +73,7 @@ def test_small_parents_each_lead_on_their_skill(tmp_path):
     assert build_parents(tmp_path / "parents", seed=0, small=True) == paths
     assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in paths.items()} == built
     tokenizer = tf.AutoTokenizer.from_pretrained(paths["father"])
-    known = recipe_for(small=True).facts_per_skill  # the reduced build learns only the first dev facts
+    known = known_questions(recipe_for(small=True))  # the reduced build learns the first dev and test facts
     scores = {}
     for name in ("father", "mother"):
         model = tf.AutoModelForCausalLM.from_pretrained(paths[name])

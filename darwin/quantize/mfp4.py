@@ -26,7 +26,7 @@ from darwin.checkpoint import Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
 from darwin.probes import load_probes
 from darwin.quantize import check_source
-from darwin.runtime import pick_device
+from darwin.runtime import load_pretrained, pick_device
 
 BACKEND = "darwin_nvfp4_torch"
 BLOCK = 16
@@ -77,7 +77,7 @@ def _load(ckpt: Checkpoint, device: str):
     except (OSError, ValueError) as exc:
         raise DarwinError(f"{ckpt.path} has no tokenizer to encode the calibration prompts: "
                           f"{str(exc).splitlines()[0][:160]}") from None
-    model = model_cls.from_pretrained(ckpt.path, dtype=torch.bfloat16, device_map=device).eval()
+    model = load_pretrained(model_cls, ckpt.path, dtype=torch.bfloat16, device_map=device).eval()
     # ModelOpt's export iterates config.architectures: a TypeError where it is None (a model saved from a bare
     # config), and the class name is what vLLM dispatches on.
     model.config.architectures = [type(model).__name__]

@@ -1,0 +1,65 @@
+"""The demo's run: its evolution config over the demo parents, and the held-out report (scores, McNemar).
+
+Fitness during evolution is the mean acc_norm of both skills on their dev questions; the final report scores
+father, mother and child on the held-out test questions only, with an exact McNemar test of the child against each
+parent over the per-question correctness of both skills.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from darwin.evaluate import EvalResult
+from darwin.stats import mcnemar
+
+# Evolution budgets: "full" is the README's demo; "small" keeps a CI-sized run honest in a few minutes.
+BUDGETS = {
+    "full": {"phase1": {"steps": 40, "popsize": 12}, "phase2": {"steps": 5, "popsize": 6}},
+    "small": {"phase1": {"steps": 10, "popsize": 8}, "phase2": {"steps": 2, "popsize": 4}},
+}
+METHOD = {"method": "dare-ties", "genome": "v6", "blocks": 2}
+
+
+def demo_config(parents: dict[str, Path], tasks: dict[str, dict[str, Path]], small: bool = False, seed: int = 0,
+                release_dest: Path | None = None, limit: int | None = None) -> dict:
+    """`limit`: score only each split's first questions (a reduced build knows only those facts)."""
+    budget = BUDGETS["small" if small else "full"]
+    return {
+        "father": str(parents["father"]), "mother": str(parents["mother"]), "base": str(parents["base"]),
+        **METHOD, "seed": seed,
+        "phase1": {**budget["phase1"], "proxy": "heuristic"},
+        "phase2": {**budget["phase2"], "tasks": [str(paths["dev_yaml"]) for paths in tasks.values()],
+                   "limit": limit, "batch_size": 64, "device": "cpu"},
+        "release": {"scheme": "nvfp4a16", "dest": str(release_dest) if release_dest else None},
+        "runner": {"kind": "local", "workers": 1},
+    }
+
+
+def held_out_report(results: dict[str, EvalResult]) -> dict:
+    """Scores per skill, held-out fitness (mean over skills) and the child's McNemar p-value against each parent."""
+    def flat(result: EvalResult) -> list[bool]:
+        return [answer for task in sorted(result.per_question) for answer in result.per_question[task]]
+
+    child = flat(results["child"])
+    return {
+        "scores": {role: dict(result.scores) for role, result in results.items()},
+        "fitness": {role: result.fitness for role, result in results.items()},
+        "p_values": {parent: mcnemar(child, flat(results[parent])) for parent in ("father", "mother")},
+        "questions": len(child),
+    }
+
+
+def table(report: dict, genome: dict) -> str:
+    """The table the demo ends with: per skill and mean, father / mother / child, and the p-values."""
+    tasks = sorted(report["scores"]["child"])
+    width = max(len(t) for t in tasks + ["held-out mean"]) + 2
+    lines = [f"{'':{width}}{'father':>9}{'mother':>9}{'child':>9}"]
+    for task in tasks:
+        lines.append(f"{task:{width}}" + "".join(f"{report['scores'][r][task]:9.3f}" for r in ("father", "mother",
+                                                                                                 "child")))
+    lines.append(f"{'held-out mean':{width}}" + "".join(f"{report['fitness'][r]:9.3f}" for r in ("father", "mother",
+                                                                                                  "child")))
+    lines.append(f"McNemar p (child vs father) = {report['p_values']['father']:.4f}, "
+                 f"(child vs mother) = {report['p_values']['mother']:.4f}, over {report['questions']} questions")
+    lines.append("genome: " + ", ".join(f"{k}={v:.3f}" for k, v in genome.items()))
+    return "\n".join(lines)
