@@ -85,9 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    summary = demo_flow(args.out, args.seed, args.small, args.parents)
-    fitness = summary["fitness"]
-    return 0 if fitness["child"] > max(fitness["father"], fitness["mother"]) else 1
+    demo_flow(args.out, args.seed, args.small, args.parents)
+    return 0
 
 
 if __name__ == "__main__":

@@ -61,5 +61,11 @@ def table(report: dict, genome: dict) -> str:
                                                                                                   "child")))
     lines.append(f"McNemar p (child vs father) = {report['p_values']['father']:.4f}, "
                  f"(child vs mother) = {report['p_values']['mother']:.4f}, over {report['questions']} questions")
+    fitness = report["fitness"]
+    beats = fitness["child"] > max(fitness["father"], fitness["mother"])
+    significant = beats and max(report["p_values"].values()) < 0.05
+    lines.append("verdict: the child " + ("beats both parents" + (" (p < 0.05 against each)" if significant else
+                                                                 ", not significantly") if beats else
+                                          "does not beat both parents"))
     lines.append("genome: " + ", ".join(f"{k}={v:.3f}" for k, v in genome.items()))
     return "\n".join(lines)
