@@ -62,10 +62,12 @@ def table(report: dict, genome: dict) -> str:
     lines.append(f"McNemar p (child vs father) = {report['p_values']['father']:.4f}, "
                  f"(child vs mother) = {report['p_values']['mother']:.4f}, over {report['questions']} questions")
     fitness = report["fitness"]
-    beats = fitness["child"] > max(fitness["father"], fitness["mother"])
-    significant = beats and max(report["p_values"].values()) < 0.05
-    lines.append("verdict: the child " + ("beats both parents" + (" (p < 0.05 against each)" if significant else
-                                                                 ", not significantly") if beats else
-                                          "does not beat both parents"))
+    if fitness["child"] <= max(fitness["father"], fitness["mother"]):
+        verdict = "does not beat both parents"
+    elif max(report["p_values"].values()) < 0.05:
+        verdict = "beats both parents (p < 0.05 against each)"
+    else:
+        verdict = "beats both parents, not significantly"
+    lines.append(f"verdict: the child {verdict}")
     lines.append("genome: " + ", ".join(f"{k}={v:.3f}" for k, v in genome.items()))
     return "\n".join(lines)
