@@ -150,7 +150,6 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     flat_base = base.reshape(-1) if base is not None else None
     out = torch.empty(a.numel(), dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
-
     chunk = masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
 
     def merge_chunk(start: int) -> None:

@@ -178,12 +178,11 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
                         "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
         "best_dir": best_dir, "release": release, "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    write_json(layout.path("summary.json"), summary)
+    write_json(layout.path("summary.json"), summary)  # before publishing: the release and its card include it
     if cfg.release.dest and release:
         mark = time.perf_counter()
         release["manifest"] = publish_flow(run_dir, cfg.release.dest)
         summary["seconds"]["publish"] = round(time.perf_counter() - mark, 2)
-        write_json(layout.path("summary.json"), summary)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
     write_json(layout.path("summary.json"), summary)
     return summary
