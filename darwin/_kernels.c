@@ -1,14 +1,16 @@
 /*
- * The merge's hot loop on CPU: SPEC.md's counter-based mask bits and a merge form, fused into one pass over
- * float32 chunks, with the GIL released so chunks run in parallel threads.
+ * The merge's hot loop on CPU: SPEC.md's counter-based mask bits and a merge form, fused into one pass over a
+ * chunk, with the GIL released so chunks run in parallel threads. Values are float32 or bfloat16 in memory (bf16
+ * is read and written here directly, so no conversion pass runs per chunk) and computed in float32.
  *
  * Every float operation is the one darwin/merge.py performs with torch, in the same order and in float32 (built
- * with -ffp-contract=off so no multiply-add is fused), so this path and the torch path (CUDA) give the same bytes;
- * tests/test_merge.py holds them to that.
+ * with -ffp-contract=off so no multiply-add is fused), and bf16 is stored with torch's round-to-nearest-even, so
+ * this path and the torch path (CUDA) give the same bytes; tests/test_merge.py holds them to that.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* One build runs everywhere yet uses the widest vectors the CPU has (AVX-512 multiplies 64-bit lanes natively): the
  * loader picks a clone at start-up. Baseline x86-64 ran splitmix one element at a time, 9x slower. */
@@ -30,41 +32,80 @@ static inline uint64_t splitmix(uint64_t seed, uint64_t index) {
 
 static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
-static int check(Py_buffer *views, int count, Py_ssize_t *n) {
-    *n = views[0].len / (Py_ssize_t)sizeof(float);
+static inline float load_f32(const void *p, Py_ssize_t i) { return ((const float *)p)[i]; }
+static inline void store_f32(void *p, Py_ssize_t i, float v) { ((float *)p)[i] = v; }
+
+static inline float load_bf16(const void *p, Py_ssize_t i) {
+    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* c10::BFloat16's round to nearest even, NaN to 0x7FC0, exactly as torch's .to(torch.bfloat16) */
+static inline void store_bf16(void *p, Py_ssize_t i, float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    ((uint16_t *)p)[i] = (v != v) ? (uint16_t)0x7FC0 : (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#define DEFINE_LOOPS(NAME, LOAD, STORE)                                                                           \
+    SIMD_CLONES                                                                                                   \
+    static void darwin_loop_##NAME(void *out, const void *a, const void *b, Py_ssize_t n, uint64_t start,         \
+                                   uint64_t seed, uint32_t threshold_b, float r) {                                \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                      \
+            uint64_t z = splitmix(seed, start + (uint64_t)i);                                                     \
+            int keep_b = (uint32_t)(z >> 40) < threshold_b;                                                       \
+            float x = LOAD(a, i), y = LOAD(b, i);                                                                 \
+            STORE(out, i, x + (keep_b ? (y - x) * r : 0.0f));                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    SIMD_CLONES                                                                                                   \
+    static void dare_loop_##NAME(void *out, const void *a, const void *b, const void *c, Py_ssize_t n,            \
+                                 uint64_t start, uint64_t seed, uint32_t threshold_a, uint32_t threshold_b,       \
+                                 float scale_a, float scale_b, int use_a, int use_b) {                            \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                      \
+            uint64_t z = splitmix(seed, start + (uint64_t)i);                                                     \
+            int keep_b = ((uint32_t)(z >> 40) < threshold_b) & use_b;                                             \
+            int keep_a = ((uint32_t)((z >> 16) & 0xFFFFFFu) < threshold_a) & use_a;                              \
+            float base = LOAD(c, i);                                                                              \
+            float delta_a = keep_a ? (LOAD(a, i) - base) * scale_a : 0.0f;                                        \
+            float delta_b = keep_b ? (LOAD(b, i) - base) * scale_b : 0.0f;                                        \
+            float elected = (delta_a + delta_b >= 0.0f) ? 1.0f : -1.0f;                                           \
+            STORE(out, i, base + ((sign_of(delta_a) == elected ? delta_a : 0.0f) +                                \
+                                  (sign_of(delta_b) == elected ? delta_b : 0.0f)));                               \
+        }                                                                                                         \
+    }
+
+DEFINE_LOOPS(f32, load_f32, store_f32)
+DEFINE_LOOPS(bf16, load_bf16, store_bf16)
+
+/* Every buffer holds the same number of values of `size` bytes (4: float32, 2: bfloat16). */
+static int check(Py_buffer *views, int count, Py_ssize_t size, Py_ssize_t *n) {
+    *n = views[0].len / size;
     for (int i = 0; i < count; i++) {
-        if (views[i].len != views[0].len) {
-            PyErr_SetString(PyExc_ValueError, "all buffers must hold the same number of float32 values");
+        if (views[i].len != views[0].len || views[i].len % size) {
+            PyErr_SetString(PyExc_ValueError, "all buffers must hold the same number of values of one dtype");
             return 0;
         }
     }
     return 1;
 }
 
-SIMD_CLONES
-static void darwin_loop(float *out, const float *a, const float *b, Py_ssize_t n, uint64_t start, uint64_t seed,
-                        uint32_t threshold_b, float r) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t z = splitmix(seed, start + (uint64_t)i);
-        int keep_b = (uint32_t)(z >> 40) < threshold_b;
-        out[i] = a[i] + (keep_b ? (b[i] - a[i]) * r : 0.0f);
-    }
-}
-
-/* darwin_form(out, a, b, start, seed, threshold_b, r): out = a + (keep_b ? (b - a) * r : 0) */
+/* darwin_form(out, a, b, start, seed, threshold_b, r, bf16): out = a + (keep_b ? (b - a) * r : 0) */
 static PyObject *darwin_form(PyObject *self, PyObject *args) {
     Py_buffer v[3];
     unsigned long long start, seed;
     unsigned int threshold_b;
     float r;
-    if (!PyArg_ParseTuple(args, "w*y*y*KKIf", &v[0], &v[1], &v[2], &start, &seed, &threshold_b, &r)) return NULL;
+    int bf16;
+    if (!PyArg_ParseTuple(args, "w*y*y*KKIfp", &v[0], &v[1], &v[2], &start, &seed, &threshold_b, &r, &bf16))
+        return NULL;
     Py_ssize_t n;
-    int ok = check(v, 3, &n);
+    int ok = check(v, 3, bf16 ? 2 : 4, &n);
     if (ok) {
-        float *out = v[0].buf;
-        const float *a = v[1].buf, *b = v[2].buf;
         Py_BEGIN_ALLOW_THREADS
-        darwin_loop(out, a, b, n, start, seed, threshold_b, r);
+        (bf16 ? darwin_loop_bf16 : darwin_loop_f32)(v[0].buf, v[1].buf, v[2].buf, n, start, seed, threshold_b, r);
         Py_END_ALLOW_THREADS
     }
     for (int i = 0; i < 3; i++) PyBuffer_Release(&v[i]);
@@ -72,39 +113,23 @@ static PyObject *darwin_form(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-SIMD_CLONES
-static void dare_loop(float *out, const float *a, const float *b, const float *c, Py_ssize_t n, uint64_t start,
-                      uint64_t seed, uint32_t threshold_a, uint32_t threshold_b, float scale_a, float scale_b,
-                      int use_a, int use_b) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t z = splitmix(seed, start + (uint64_t)i);
-        int keep_b = ((uint32_t)(z >> 40) < threshold_b) & use_b;
-        int keep_a = ((uint32_t)((z >> 16) & 0xFFFFFFu) < threshold_a) & use_a;
-        float delta_a = keep_a ? (a[i] - c[i]) * scale_a : 0.0f;
-        float delta_b = keep_b ? (b[i] - c[i]) * scale_b : 0.0f;
-        float elected = (delta_a + delta_b >= 0.0f) ? 1.0f : -1.0f;
-        out[i] = c[i] + ((sign_of(delta_a) == elected ? delta_a : 0.0f) + (sign_of(delta_b) == elected ? delta_b : 0.0f));
-    }
-}
-
-/* dare_ties_form(out, a, b, base, start, seed, threshold_a, threshold_b, scale_a, scale_b, use_a, use_b): DARE
- * drop and rescale (scale = weight / density), TIES sign election, the agreeing weighted deltas summed. use_x is 0
- * where density_x is 0 (no delta at all). */
+/* dare_ties_form(out, a, b, base, start, seed, threshold_a, threshold_b, scale_a, scale_b, use_a, use_b, bf16):
+ * DARE drop and rescale (scale = weight / density), TIES sign election, the agreeing weighted deltas summed. use_x
+ * is 0 where density_x is 0 (no delta at all). */
 static PyObject *dare_ties_form(PyObject *self, PyObject *args) {
     Py_buffer v[4];
     unsigned long long start, seed;
     unsigned int threshold_a, threshold_b;
     float scale_a, scale_b;
-    int use_a, use_b;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*KKIIffpp", &v[0], &v[1], &v[2], &v[3], &start, &seed, &threshold_a,
-                          &threshold_b, &scale_a, &scale_b, &use_a, &use_b)) return NULL;
+    int use_a, use_b, bf16;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*KKIIffppp", &v[0], &v[1], &v[2], &v[3], &start, &seed, &threshold_a,
+                          &threshold_b, &scale_a, &scale_b, &use_a, &use_b, &bf16)) return NULL;
     Py_ssize_t n;
-    int ok = check(v, 4, &n);
+    int ok = check(v, 4, bf16 ? 2 : 4, &n);
     if (ok) {
-        float *out = v[0].buf;
-        const float *a = v[1].buf, *b = v[2].buf, *c = v[3].buf;
         Py_BEGIN_ALLOW_THREADS
-        dare_loop(out, a, b, c, n, start, seed, threshold_a, threshold_b, scale_a, scale_b, use_a, use_b);
+        (bf16 ? dare_loop_bf16 : dare_loop_f32)(v[0].buf, v[1].buf, v[2].buf, v[3].buf, n, start, seed, threshold_a,
+                                                threshold_b, scale_a, scale_b, use_a, use_b);
         Py_END_ALLOW_THREADS
     }
     for (int i = 0; i < 4; i++) PyBuffer_Release(&v[i]);
@@ -113,8 +138,8 @@ static PyObject *dare_ties_form(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"darwin_form", darwin_form, METH_VARARGS, "fused darwin merge form over float32 buffers"},
-    {"dare_ties_form", dare_ties_form, METH_VARARGS, "fused dare-ties merge form over float32 buffers"},
+    {"darwin_form", darwin_form, METH_VARARGS, "fused darwin merge form over float32 or bfloat16 buffers"},
+    {"dare_ties_form", dare_ties_form, METH_VARARGS, "fused dare-ties merge form over float32 or bfloat16 buffers"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -63,16 +63,16 @@ def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
     return base + (torch.where(agree_a, delta_a, 0.0) + torch.where(agree_b, delta_b, 0.0))
 
 
-def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b):
-    _kernels.darwin_form(out, a, b, start, seed, masks.threshold(density_b), r)
+def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b, bf16):
+    _kernels.darwin_form(out, a, b, start, seed, masks.threshold(density_b), r, bf16)
 
 
-def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b):
+def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b, bf16):
     weight_a, weight_b = task_weights(r)
     _kernels.dare_ties_form(out, a, b, base, start, seed, masks.threshold(density_a), masks.threshold(density_b),
                             weight_a / density_a if density_a > 0 else 0.0,
                             weight_b / density_b if density_b > 0 else 0.0,
-                            density_a > 0, density_b > 0)
+                            density_a > 0, density_b > 0, bf16)
 
 
 @dataclass(frozen=True)
@@ -150,17 +150,24 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     flat_base = base.reshape(-1) if base is not None else None
     out = torch.empty(a.numel(), dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
+    # bf16 in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
+    direct = fused and a.dtype == torch.bfloat16 and blend == 1.0
     chunk = masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
 
     def merge_chunk(start: int) -> None:
         stop = min(a.numel(), start + chunk)
+        if direct:
+            raw = [t[start:stop].view(torch.int16).numpy() if t is not None else None
+                   for t in (out, flat_a, flat_b, flat_base)]
+            spec.kernel(*raw, start, seed, final, density_a, density_b, True)
+            return
         ca = flat_a[start:stop].to(device=device, dtype=torch.float32)
         cb = flat_b[start:stop].to(device=device, dtype=torch.float32)
         cbase = flat_base[start:stop].to(device=device, dtype=torch.float32) if flat_base is not None else None
         if fused:
             merged = torch.empty_like(ca)
             spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
-                        start, seed, final, density_a, density_b)
+                        start, seed, final, density_a, density_b, False)
         else:
             keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None, density_b,
                                               device)
