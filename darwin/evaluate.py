@@ -184,14 +184,6 @@ def arc_task_file(data_dir: str | Path, out_dir: str | Path) -> Path:
     return multiple_choice_task_file("arc_challenge_local", files, out_dir)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _hash_data_files(files):
     if isinstance(files, Mapping):
         return {split: _hash_data_files(f) for split, f in files.items()}
@@ -200,7 +192,8 @@ def _hash_data_files(files):
     path = Path(files)
     if not path.is_file():
         raise DarwinError(f"data file {files} of a fitness task does not exist")
-    return _sha256_file(path)
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def task_identity(spec: str | Path) -> str | dict:

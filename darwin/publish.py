@@ -39,7 +39,6 @@ MANIFEST = "manifest.json"
 JOURNAL = "manifest.partial.json"
 CARD = "README.md"
 FORMAT = "darwin-release/1"
-HASH_BLOCK = 8 * 2**20
 # Bounded on purpose: botocore's own attempts times s3fs's retries of connection errors (5, about 2 s of sleeps).
 S3_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 120}
 
@@ -49,11 +48,8 @@ class PublishInterrupted(DarwinError):
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def source_commit(start: str | Path | None = None) -> str | None:

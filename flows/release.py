@@ -11,9 +11,8 @@ import argparse
 from prefect import flow
 
 from darwin.checkpoint import Checkpoint
-from darwin.errors import DarwinError
 from darwin.probes import load_texts
-from darwin.quantize import SCHEMES, check_source
+from darwin.quantize import SCHEMES, check_request, check_source
 from darwin.runtime import pick_device
 from tasks.release import quantize_model
 
@@ -35,12 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     # Bad input fails here, in one line, before Prefect starts.
-    if args.scheme not in SCHEMES:
-        raise DarwinError(f"unknown quantization scheme {args.scheme!r} (schemes: {', '.join(SCHEMES)})")
-    check_source(Checkpoint(args.model))
     calibration = load_texts(args.calibration) if args.calibration else None
-    if calibration and args.scheme != "mfp4":
-        raise DarwinError(f"--calibration is for mfp4; {args.scheme} is round-to-nearest with no calibration")
+    check_request(args.scheme, calibration)
+    check_source(Checkpoint(args.model))
     pick_device(args.device)
     print(release_flow(args.model, args.scheme, args.out, calibration, args.device))
     return 0

@@ -31,6 +31,14 @@ def check_source(ckpt: Checkpoint) -> None:
                           f"(family {ckpt.family.name}; kinds: {', '.join(sorted(_kinds(ckpt)))})")
 
 
+def check_request(scheme: str, calibration: list[str] | None) -> None:
+    """Refuse an unknown scheme, or a calibration set for the scheme that takes none."""
+    if scheme not in SCHEMES:
+        raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
+    if calibration and scheme != "mfp4":
+        raise DarwinError(f"calibration is for mfp4; {scheme} is round-to-nearest and takes none")
+
+
 def _kinds(ckpt: Checkpoint) -> set[str]:
     return {ckpt.kind(name)[0] for name in ckpt.tensors}
 
@@ -38,15 +46,12 @@ def _kinds(ckpt: Checkpoint) -> set[str]:
 def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, calibration: list[str] | None = None,
              device: str = "auto") -> Path:
     """Quantize MODEL into OUT with `scheme` (mfp4 | nvfp4a16) and write OUT/roundtrip.json; returns OUT."""
-    if scheme not in SCHEMES:
-        raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
+    check_request(scheme, calibration)
     if scheme == "mfp4":
         from darwin.quantize.mfp4 import quantize_mfp4
 
         path = quantize_mfp4(model, out, calibration=calibration, device=device)
     else:
-        if calibration:
-            raise DarwinError("nvfp4a16 is round-to-nearest and takes no calibration set")
         from darwin.quantize.nvfp4a16 import quantize_nvfp4a16
 
         path = quantize_nvfp4a16(model, out)
