@@ -11,6 +11,7 @@ tasks (a group such as `mmlu` counts each subtask once).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -96,6 +97,13 @@ class TaskSet:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
+
+
+@functools.cache
+def prepared_tasks(specs: tuple[str, ...]) -> TaskSet:
+    """One TaskSet per task list and process: checking a run's tasks up front and running them then share it (a
+    task given by name costs lm-eval's index of its built-in tasks, seconds each time)."""
+    return TaskSet(specs)
 
 
 def evaluate(

@@ -25,7 +25,7 @@ from darwin import evolution, fitness, stats
 from darwin.checkpoint import Checkpoint
 from darwin.config import RunConfig, load_config, parse_config
 from darwin.errors import DarwinError
-from darwin.evaluate import TaskSet
+from darwin.evaluate import TaskSet, prepared_tasks
 from darwin.genome import Genome
 from darwin.merge import load_mri
 from darwin.report import write_json
@@ -121,7 +121,7 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)
     parent_fingerprints = fitness.fingerprints(parents)
-    tasks = TaskSet(cfg.phase2.tasks)
+    tasks = prepared_tasks(tuple(cfg.phase2.tasks))
     seconds["phase0"] = time.perf_counter() - started
 
     # Phase 1: CMA-ES on a proxy
@@ -248,7 +248,7 @@ def command(args: argparse.Namespace) -> int:
     for model in (config.father, config.mother, config.base):
         if model:
             Checkpoint(model)  # bad parents fail here, before Prefect starts
-    TaskSet(config.phase2.tasks)
+    prepared_tasks(tuple(config.phase2.tasks))
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release)
     best = summary["best"]
