@@ -3,18 +3,12 @@ and the Phase 3 health check over three importance tables. Each publishes a tabl
 
 from __future__ import annotations
 
-import re
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from darwin import health, moe, probes
+from tasks import artifact_key
 from tasks.policy import retry_unless_user_error
-
-
-def _key(*parts: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
@@ -24,9 +18,10 @@ def probe_model(model: str, out: str, probes_dir: str | None = None, device: str
     loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
     frame = probes.layer_importance(loaded, tokenizer, probes.load_probes(probes_dir))
     path = probes.write_importance(frame, out)
-    create_table_artifact(key=_key("probes", label), table=probes.importance_table(frame),
+    create_table_artifact(key=artifact_key("probes", label), table=probes.importance_table(frame),
                           description=f"probe importance per layer of {label} ({path})")
-    create_markdown_artifact(key=_key("probes", label, "summary"), markdown=probes.importance_markdown(frame, label))
+    create_markdown_artifact(key=artifact_key("probes", label, "summary"),
+                             markdown=probes.importance_markdown(frame, label))
     return str(path)
 
 
@@ -42,9 +37,10 @@ def routing_stats(model: str, out: str, calibration: str | None = None, probes_d
     loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
     frame = moe.routing_stats(loaded, tokenizer, texts)
     path = moe.write_routing(frame, out)
-    create_table_artifact(key=_key("routing", label), table=moe.routing_table(frame),
+    create_table_artifact(key=artifact_key("routing", label), table=moe.routing_table(frame),
                           description=f"MoE routing per layer of {label}: {frame.attrs['dead_rule']} ({path})")
-    create_markdown_artifact(key=_key("routing", label, "summary"), markdown=moe.routing_markdown(frame, label))
+    create_markdown_artifact(key=artifact_key("routing", label, "summary"),
+                             markdown=moe.routing_markdown(frame, label))
     return str(path)
 
 
