@@ -46,6 +46,8 @@ S3_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeou
 class PublishInterrupted(DarwinError):
     """The upload stopped part-way (network, storage, a vanished file): re-running resumes where it stopped."""
 
+    retryable = True
+
 
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as handle:

@@ -6,11 +6,9 @@ from darwin.errors import DarwinError
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes, CUDA OOM and lost workers; a bad genome or mismatched parents fails at once."""
-    try:
-        state.result()
-    except DarwinError:
+    """Retry crashes, CUDA OOM, lost workers and interruptions a rerun resumes; a bad genome, mismatched parents or
+    a missing bucket fails at once."""
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
         return False
-    except Exception:
-        return True
-    return False
+    return not isinstance(error, DarwinError) or error.retryable

@@ -9,18 +9,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from darwin.errors import DarwinError
-from darwin.publish import PublishInterrupted, publish
-
-
-def retryable(task, task_run, state) -> bool:
-    """An interruption resumes on retry; a missing bucket or bad credentials will fail the same way again."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, PublishInterrupted) or not isinstance(exc, DarwinError)
+from darwin.publish import publish
+from tasks.policy import retry_unless_user_error
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-      retry_condition_fn=retryable, task_run_name="publish-{dest}", tags=["io"])
+      retry_condition_fn=retry_unless_user_error, task_run_name="publish-{dest}", tags=["io"])
 def publish_release(source_dir: str, dest: str, card: str | None = None, extra: dict | None = None) -> str:
     logger = get_run_logger()
     url = publish(source_dir, dest, card=card, extra=extra,

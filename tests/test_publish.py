@@ -260,10 +260,10 @@ def test_task_does_not_retry_a_missing_bucket(prefect_api, bucket, model_dir):
 def test_retry_policy_retries_interruptions_only():
     from prefect.states import Failed
 
-    from tasks.publish import retryable
+    from tasks.policy import retry_unless_user_error
 
     def verdict(exc):
-        return retryable(None, None, Failed(data=exc, message=str(exc)))
+        return retry_unless_user_error(None, None, Failed(data=exc, message=str(exc)))
 
     assert verdict(PublishInterrupted("stopped after 1 of 4 files")) and verdict(ConnectionResetError("reset"))
     assert not verdict(DarwinError("bucket 'x' does not exist"))
