@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from darwin.errors import DarwinError
 from darwin.kinds import Family, family_for_config
+from darwin.runtime import CACHE_ROOT
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,7 +33,7 @@ PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SINGLE_NAME = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-REMOTE_CACHE = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwin")) / "remote"
+REMOTE_CACHE = CACHE_ROOT / "remote"
 
 # safetensors dtype codes <-> torch dtypes (the writer emits headers itself).
 ST_DTYPES = {

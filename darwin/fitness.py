@@ -24,11 +24,11 @@ from darwin.evaluate import TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
 from darwin.prescribe import load_signals
-from darwin.runtime import load_pretrained
+from darwin.runtime import CACHE_ROOT, load_pretrained
 
 # Phase 1's measured proxy: the same tasks on their first questions only.
 MEASURED_LIMIT = 16
-DEFAULT_CACHE = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwin")) / "fitness"
+DEFAULT_CACHE = CACHE_ROOT / "fitness"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
     """The fitness record of one genome: fitness, per-task scores, per-question correctness, timings."""
     genome = Genome.from_dict(genes)
     cache = cache or FitnessCache()
-    key = fitness_cache_key(parent_fingerprints or fingerprints(parents), genome.hash, tasks, limit, )
+    key = fitness_cache_key(parent_fingerprints or fingerprints(parents), genome.hash, tasks, limit)
     hit = cache.get(key)
     if hit is not None:
         return {**hit, "cached": True}

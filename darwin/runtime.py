@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import torch
 
 from darwin.errors import DarwinError
+
+# Where darwin keeps what outlives a run: fetched models, fitness results, demo parents (DARWIN_CACHE moves it).
+CACHE_ROOT = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwin"))
 
 
 def pick_device(device: str = "auto") -> str:

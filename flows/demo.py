@@ -25,10 +25,10 @@ from darwin.demo.parents import build_parents, known_questions, recipe_for
 from darwin.demo.skills import write_skill_tasks
 from darwin.evaluate import EvalResult, evaluate
 from darwin.report import write_json
-from darwin.runtime import load_pretrained
+from darwin.runtime import CACHE_ROOT, load_pretrained
 from flows.evolve import evolve_flow, prepare_run
 
-DEFAULT_CACHE = Path.home() / ".cache" / "darwin" / "demo"
+DEFAULT_CACHE = CACHE_ROOT / "demo"
 
 
 @task(task_run_name="build-demo-parents", cache_policy=NO_CACHE)
