@@ -136,6 +136,7 @@ class Checkpoint:
         self.config = self._read_config()
         self.family: Family = family_for_config(self.config)
         self._handles: dict[str, object] = {}
+        self._maps: dict[str, tuple[torch.UntypedStorage, int, dict[str, list[int]]]] = {}
         self._lock = threading.Lock()
         self._pickled = False
         self.tensors: dict[str, TensorInfo] = {}
@@ -220,10 +221,30 @@ class Checkpoint:
             raise DarwinError(f"tensor {name!r} is not in {self.path}")
         if self._pickled:
             return self._handles[info.shard][name]
-        try:
+        storage, data_start, offsets = self._mapped(info.shard)
+        begin, end = offsets[name]
+        if (data_start + begin) % info.dtype.itemsize == 0:
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage, data_start + begin, (end - begin,))
+            return raw.view(info.dtype).reshape(info.shape)
+        try:  # a writer that left this tensor unaligned: safetensors copies it out
             return self._open(info.shard).get_tensor(name)
         except SafetensorError as exc:
             raise DarwinError(f"cannot read {name} from {self.path / info.shard}: {exc}") from None
+
+    def _mapped(self, shard: str) -> tuple[torch.UntypedStorage, int, dict[str, list[int]]]:
+        """The shard mapped copy-on-write, where its data starts, and each tensor's byte range: a read is a view of
+        the page cache, where safetensors' get_tensor would copy every byte. safe_open has validated the header and
+        the ranges against the file's size when the checkpoint was opened."""
+        with self._lock:
+            if shard not in self._maps:
+                path = self.path / shard
+                with open(path, "rb") as fh:
+                    size = struct.unpack("<Q", fh.read(8))[0]
+                    header = json.loads(fh.read(size))
+                header.pop("__metadata__", None)
+                storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+                self._maps[shard] = (storage, 8 + size, {name: entry["data_offsets"] for name, entry in header.items()})
+            return self._maps[shard]
 
     @property
     def num_layers(self) -> int:

@@ -43,6 +43,9 @@ except ImportError:  # built without a C compiler: the torch path alone
     _kernels = None
 
 REPORT_NAME = "merge_report.json"
+# The direct bf16 kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at
+# masks.CHUNK a 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
+DIRECT_CHUNK = 1 << 20
 
 
 def darwin_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
@@ -152,7 +155,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     fused = device == "cpu" and _kernels is not None
     # bf16 in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
     direct = fused and a.dtype == torch.bfloat16 and blend == 1.0
-    chunk = masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
+    chunk = DIRECT_CHUNK if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
 
     def merge_chunk(start: int) -> None:
         stop = min(a.numel(), start + chunk)
@@ -220,22 +223,29 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tens
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
                    ) -> Iterator[tuple[str, torch.Tensor, dict]]:
-    """(name, tensor, report entry) in plan order; the next tensors are read, and their MRI statistics computed,
-    while this one is merged."""
+    """(name, tensor, report entry) in plan order; the next tensor is read, and both parents' MRI statistics
+    computed (in two threads), while this one is merged."""
     wanted = set(names) if names is not None else None
     todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
 
-    def read(tp: TensorPlan):
-        a, b = plan.father.read(tp.name), plan.mother.read(tp.name)
-        base = plan.base.read(tp.name) if plan.base is not None else None
-        return a, b, base, parent_stats(plan, tp.name, a, b, device)
+    def read(checkpoint: Checkpoint, profile: dict[str, dict], name: str) -> tuple[torch.Tensor, dict | None]:
+        tensor = checkpoint.read(name)
+        if not tensor.is_floating_point():
+            return tensor, None
+        return tensor, profile.get(name) or tensor_stats(tensor.to(device))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-read") as reader:
-        pending = reader.submit(read, todo[0]) if todo else None
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="darwin-read") as reader:
+        def read_both(tp: TensorPlan):
+            return (reader.submit(read, plan.father, plan.mri_a, tp.name),
+                    reader.submit(read, plan.mother, plan.mri_b, tp.name))
+
+        pending = read_both(todo[0]) if todo else None
         for index, tp in enumerate(todo):
-            a, b, base, stats = pending.result()
+            (a, stats_a), (b, stats_b) = (future.result() for future in pending)
             if index + 1 < len(todo):
-                pending = reader.submit(read, todo[index + 1])
+                pending = read_both(todo[index + 1])
+            base = plan.base.read(tp.name) if plan.base is not None else None
+            stats = (stats_a, stats_b) if stats_a is not None and stats_b is not None else None
             tensor, row = merge_tensor(plan, tp, a, b, base, device, stats)
             yield tp.name, tensor, row
 

@@ -1,38 +1,91 @@
 """Phase 0, static MRI: per-tensor norm, std and entropy, and the static scores of SPEC.md.
 
-Every statistic is computed in float32 on the tensor's device (CUDA when asked): `norm` is the Frobenius norm,
-`std` the unbiased standard deviation (0 for a single element, where torch.std is undefined), `entropy` the
-Shannon entropy in bits of a 256-bin histogram over [min, max] (0 for a constant tensor).
+`norm` is the Frobenius norm, `std` the unbiased standard deviation (0 for a single element, where torch.std is
+undefined), `entropy` the Shannon entropy in bits of a 256-bin histogram over [min, max] (0 for a constant tensor,
+nan with inf or nan values). A 16-bit float tensor (bf16, fp16: what checkpoints hold) has at most 65,536 distinct
+values, so its statistics follow exactly, in float64, from how often each bit pattern occurs: one counting pass (C on
+CPU, bincount on CUDA) instead of float32 passes over a converted copy. Other dtypes are computed in float32 on the
+tensor's device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 from darwin.checkpoint import Checkpoint, dtype_name
 from darwin.report import png, read_table, write_table
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: `darwin merge` starts without it
+    import pandas as pd
+
+try:
+    from darwin import _kernels
+except ImportError:  # no C compiler at install time: bincount instead
+    _kernels = None
 
 BINS = 256
 COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
 SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, std, min(norm, 100)
 
 
+PATTERNS = 1 << 16
+SIXTEEN_BIT_FLOATS = (torch.bfloat16, torch.float16)
+
+
+def bit_pattern_counts(tensor: torch.Tensor) -> torch.Tensor:
+    """How many elements of a 16-bit tensor hold each bit pattern: int64[65536] on the CPU."""
+    bits = tensor.detach().contiguous().reshape(-1).view(torch.int16)
+    if bits.device.type == "cpu" and _kernels is not None:
+        counts = torch.zeros(PATTERNS, dtype=torch.int64)
+        _kernels.bit_counts(counts.numpy(), bits.numpy())
+        return counts
+    return torch.bincount(bits.to(torch.int32) & (PATTERNS - 1), minlength=PATTERNS).cpu()
+
+
+@functools.cache
+def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+
 def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
+    if tensor.dtype in SIXTEEN_BIT_FLOATS and tensor.numel():
+        counts = bit_pattern_counts(tensor)
+        seen = counts > 0
+        values = _pattern_values(tensor.dtype)[seen]
+        if bool(torch.isfinite(values).all()):  # inf or nan: the float32 path gives what torch gives
+            return _stats_from_counts(values, counts[seen].double())
     x = tensor.detach().reshape(-1).float()
     norm = torch.linalg.vector_norm(x)
     std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
     lo, hi = torch.aminmax(x)
-    if bool(lo == hi):
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # a broken tensor shows as nan, not as a crash
+        entropy = torch.full((), math.nan)
+    elif bool(lo == hi):
         entropy = torch.zeros((), device=x.device)
     else:
         counts = torch.histc(x, bins=BINS, min=float(lo), max=float(hi))
         p = counts[counts > 0] / x.numel()
         entropy = -(p * torch.log2(p)).sum()
     return {"norm": float(norm), "std": float(std), "entropy": float(entropy)}
+
+
+def _stats_from_counts(values: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """The same statistics from each distinct value and how often it occurs (float64)."""
+    n = counts.sum()
+    mean = (counts * values).sum() / n
+    std = ((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt() if n > 1 else torch.zeros(())
+    lo, hi = values.min(), values.max()
+    entropy = torch.zeros(())
+    if lo < hi:
+        hist = torch.histogram(values, bins=BINS, range=(float(lo), float(hi)), weight=counts).hist
+        p = hist[hist > 0] / n
+        entropy = -(p * torch.log2(p)).sum()
+    return {"norm": float((counts * values * values).sum().sqrt()), "std": float(std), "entropy": float(entropy)}
 
 
 def static_score(stats: dict[str, float], version: str) -> float:
@@ -53,6 +106,8 @@ def profile_shard(checkpoint: Checkpoint, shard: str, device: str = "cpu") -> li
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["block"] = frame["block"].astype("Int64")
     return frame

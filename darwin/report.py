@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a table is read: `darwin merge` starts without it
+    import pandas as pd
 
 
 def png(figure) -> bytes:
@@ -53,4 +55,6 @@ def read_table(path: str | Path, stem: str, hint: str) -> pd.DataFrame:
     path = path / f"{stem}.parquet" if path.is_dir() else path
     if not path.is_file():
         raise DarwinError(f"{path} does not exist ({hint})")
+    import pandas as pd
+
     return pd.read_parquet(path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import darwin.merge as engine
 from darwin import masks
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
@@ -116,6 +117,7 @@ def test_output_is_byte_identical_across_runs_threads_and_chunking(parents, tmp_
         first = merge_to_dir(plan_merge(parents["father"], parents["mother"], genome, "darwin-v6"), tmp_path / "one")
         torch.set_num_threads(1)
         monkeypatch.setattr(masks, "CHUNK", 777)
+        monkeypatch.setattr(engine, "DIRECT_CHUNK", 777)
         second = merge_to_dir(plan_merge(parents["father"], parents["mother"], genome, "darwin-v6"), tmp_path / "two")
     finally:
         torch.set_num_threads(threads)
@@ -173,7 +175,6 @@ def test_mismatched_parents_are_refused_before_writing(pico_checkpoint, parents,
 
 
 def test_a_failed_merge_leaves_no_output(parents, tmp_path, monkeypatch):
-    import darwin.merge as engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -263,7 +264,6 @@ def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_p
 @pytest.mark.parametrize("blend", [1.0, 0.7])  # 1.0: bf16 straight through the kernel; 0.7: float32 chunks
 def test_fused_cpu_kernel_gives_the_torch_path_bytes(parents, method, densities, blend, monkeypatch):
     """CUDA runs the torch forms; CPU runs the C kernel: both must write the same bytes."""
-    import darwin.merge as engine
 
     if engine._kernels is None:
         pytest.skip("the C kernel was not built (no compiler): only the torch path exists")
@@ -273,6 +273,7 @@ def test_fused_cpu_kernel_gives_the_torch_path_bytes(parents, method, densities,
     a, b, c = (parents[role].read(name) for role in ("father", "mother", "base"))
     tp = next(t for t in plan.tensors if t.name == name)
     monkeypatch.setattr(masks, "CHUNK", 1000)  # several chunks, in parallel threads
+    monkeypatch.setattr(engine, "DIRECT_CHUNK", 1000)
     fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     monkeypatch.setattr(engine, "_kernels", None)
     reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")

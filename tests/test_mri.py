@@ -22,6 +22,7 @@ def direct_stats(t: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("tensor", [
     torch.randn(64, 48, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+    (torch.randn(1001, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.float16),
     torch.rand(1000, generator=torch.Generator().manual_seed(2)) * 7 - 3,
     torch.arange(12.0).reshape(3, 4),
 ])
@@ -29,6 +30,21 @@ def test_stats_match_a_direct_computation(tensor):
     got, want = mri.tensor_stats(tensor), direct_stats(tensor)
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.skipif(mri._kernels is None, reason="the C kernel is not built")
+@pytest.mark.parametrize("shape", [(3, 1001), (16, 65537)])  # counted directly / in four tables
+def test_bit_pattern_counts_of_the_kernel_equal_torch_bincount(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, 1:]  # strided, odd
+    want = torch.bincount(x.contiguous().view(torch.int16).reshape(-1).to(torch.int32) & 0xFFFF, minlength=1 << 16)
+    assert torch.equal(mri.bit_pattern_counts(x), want)
+
+
+def test_sixteen_bit_statistics_with_inf_or_nan_are_torchs():
+    x = torch.tensor([1.0, float("inf"), -2.0], dtype=torch.bfloat16)
+    stats = mri.tensor_stats(x)
+    assert stats["norm"] == math.inf and math.isnan(stats["entropy"])
+    assert math.isnan(mri.tensor_stats(torch.tensor([1.0, float("nan")], dtype=torch.float16))["std"])
 
 
 def test_constant_tensor_has_zero_entropy_and_uniform_has_eight_bits():
