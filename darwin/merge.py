@@ -1,8 +1,9 @@
 """The merge engine: plan every tensor from the genome, then stream the merge tensor by tensor.
 
 Methods are pure functions over float32 chunks of the flattened tensors, in one registry keyed by the method
-name of the run config. The engine reads the next tensors while it computes the current one and writes the
-previous one (threads), so a merge costs about as much as copying a checkpoint. Masks come from
+name of the run config. The engine maps the parents' shards (no copy on read), reads the next tensor and
+computes both parents' MRI statistics (two threads) while it merges the current one, and writes the previous one
+(a thread). Masks come from
 `darwin.masks` (counter-based), so the same genome gives the same bytes on any device, worker or order.
 
 Forms (SPEC.md "Merge"), with r the tensor's final ratio:

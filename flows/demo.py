@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from darwin.config import parse_config
 from darwin.demo import run as demo
-from darwin.demo.parents import build_parents, known_questions, recipe_for
+from darwin.demo.parents import build_parents
 from darwin.demo.skills import write_skill_tasks
 from darwin.evaluate import EvalResult, evaluate
 from darwin.report import write_json
@@ -32,8 +32,8 @@ DEFAULT_CACHE = CACHE_ROOT / "demo"
 
 
 @task(task_run_name="build-demo-parents", cache_policy=NO_CACHE)
-def build_demo_parents(directory: str, seed: int, small: bool) -> dict[str, Path]:
-    return build_parents(directory, seed=seed, small=small)
+def build_demo_parents(directory: str, seed: int) -> dict[str, Path]:
+    return build_parents(directory, seed=seed)
 
 
 @task(task_run_name="score-held-out-{role}", cache_policy=NO_CACHE, retries=1)
@@ -48,12 +48,11 @@ def score_held_out(role: str, model_dir: str, tasks: list[str], limit: int | Non
 def demo_flow(out: str, seed: int = 0, small: bool = False, parents_dir: str | None = None) -> dict:
     started = time.perf_counter()
     run = Path(out)
-    parents = build_demo_parents(parents_dir or str(DEFAULT_CACHE / f"seed{seed}{'-small' if small else ''}"),
-                                 seed, small)
+    parents = build_demo_parents(parents_dir or str(DEFAULT_CACHE / f"seed{seed}"), seed)
     built = time.perf_counter()
     tasks = write_skill_tasks(run / "tasks", seed)
-    limit = known_questions(recipe_for(small))
-    config = parse_config(demo.demo_config(parents, tasks, small, seed, release_dest=run / "release", limit=limit))
+    limit = demo.BUDGETS["small" if small else "full"]["questions"]
+    config = parse_config(demo.demo_config(parents, tasks, small, seed, release_dest=run / "release"))
     prepare_run(config, run / "evolution", resume=False)  # a second demo into the same RUN resumes its evolution
     evolved = evolve_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
         config.model_dump(mode="json"), str(run / "evolution"))
@@ -79,7 +78,7 @@ def demo_flow(out: str, seed: int = 0, small: bool = False, parents_dir: str | N
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="RUN", help="run directory (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--small", action="store_true", help="CI-sized parents and budgets (a few minutes)")
+    parser.add_argument("--small", action="store_true", help="CI-sized budgets and fewer questions, same parents")
     parser.add_argument("--parents", metavar="DIR", help=f"where the parents are built and cached "
                                                          f"(default {DEFAULT_CACHE}/seed<N>)")
 

@@ -87,3 +87,17 @@ def pico_family(tmp_path_factory):
     (root / "toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     paths["task"] = multiple_choice_task_file("toy", {"validation": root / "toy.jsonl"}, root)
     return paths
+
+
+@pytest.fixture(scope="session")
+def demo_parents(tmp_path_factory):
+    """The demo's real parents (seed 0), built once per session: the demo's own recipe, a few minutes on 2 cores.
+    Training is the one place where two intra-op threads pay; the suite's pinning to one is restored after."""
+    from darwin.demo.parents import build_parents
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        return build_parents(tmp_path_factory.mktemp("demo-parents"), seed=0)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,8 +1,9 @@
-"""The demo at reduced size: the whole pipeline on the demo parents, and its held-out report.
+"""The demo at reduced size (its real parents, small budgets, 100 questions per split): the whole pipeline and its
+held-out report.
 
 The demo's claim (the child beats both parents with significance) is measured by `darwin demo` and reported in the
-README; at this size it is not reached (a tie), so this test asserts what the run guarantees instead: distinct
-skills, a consistent report, a working child and a complete release.
+README; it is not reached (a tie), so this test asserts what the run guarantees instead: distinct skills, a
+consistent report, a working child and a complete release.
 """
 
 import json
@@ -13,12 +14,12 @@ from darwin.demo.skills import SKILL_A, SKILL_B, task_name
 
 
 @pytest.mark.slow
-def test_small_demo_runs_the_whole_pipeline(prefect_api, tmp_path_factory):
+def test_small_demo_runs_the_whole_pipeline(prefect_api, demo_parents, tmp_path_factory):
     from flows.demo import demo_flow
 
     root = tmp_path_factory.mktemp("demo")
     run = root / "run"
-    summary = demo_flow(str(run), seed=0, small=True, parents_dir=str(root / "parents"))
+    summary = demo_flow(str(run), seed=0, small=True, parents_dir=str(demo_parents["base"].parent))
     on_disk = json.loads((run / "summary.json").read_text())
     assert set(on_disk) >= {"scores", "fitness", "p_values", "genome", "genome_hash", "seconds"}
     report = json.loads((run / "evolution" / "best" / "merge_report.json").read_text())
@@ -26,12 +27,13 @@ def test_small_demo_runs_the_whole_pipeline(prefect_api, tmp_path_factory):
     scores, fitness = summary["scores"], summary["fitness"]
     skill_a, skill_b = task_name(SKILL_A, "test"), task_name(SKILL_B, "test")
     # the skills are real and distinct: each parent is clearly better on its own skill than the other parent
-    assert scores["father"][skill_a] > scores["mother"][skill_a] + 0.05
-    assert scores["mother"][skill_b] > scores["father"][skill_b] + 0.05
+    assert scores["father"][skill_a] > scores["mother"][skill_a] + 0.2
+    assert scores["mother"][skill_b] > scores["father"][skill_b] + 0.2
     # held-out fitness is the mean over both skills, and the child is a working model, not a broken merge
     for role in ("father", "mother", "child"):
         assert fitness[role] == pytest.approx((scores[role][skill_a] + scores[role][skill_b]) / 2)
-    assert fitness["child"] > 0.25 + 0.05  # four choices: chance is 0.25
+    # a broken merge falls towards chance (0.25): the chosen child stays near its parents
+    assert fitness["child"] > min(fitness["father"], fitness["mother"]) - 0.1
     assert all(0.0 < p <= 1.0 for p in summary["p_values"].values())
     history = (run / "evolution" / "history.parquet")
     assert history.exists() and (run / "evolution" / "evolution.png").exists()

@@ -10,7 +10,7 @@ import transformers as tf
 import yaml
 
 from darwin.demo import skills
-from darwin.demo.parents import build_parents, known_questions, recipe_for
+from darwin.demo.parents import build_parents
 from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import accuracy
 
@@ -21,20 +21,36 @@ def test_skills_are_deterministic_and_seeded():
         assert skills.splits(name, 0)["dev"] != skills.splits(name, 1)["dev"]
 
 
-def test_splits_are_disjoint_and_well_formed():
-    for name in skills.SKILLS:
-        parts = skills.splits(name, 0)
-        assert (len(parts["dev"]), len(parts["test"])) == (skills.DEV_SIZE, skills.TEST_SIZE)
-        dev_q = {row["question"] for row in parts["dev"]}
-        test_q = {row["question"] for row in parts["test"]}
-        assert len(dev_q) == skills.DEV_SIZE and len(test_q) == skills.TEST_SIZE and not dev_q & test_q
-        # train is the whole fact table: each dev and test question is answered there the same way
-        table = {row["question"]: skills.answer_text(row) for row in parts["train"]}
-        assert all(table[row["question"]] == skills.answer_text(row) for row in parts["dev"] + parts["test"])
-        for row in parts["dev"] + parts["test"]:
-            assert row["choices"]["label"] == list(skills.LABELS) and len(set(row["choices"]["text"])) == 4
+def entity_of(skill: skills.Skill, question: str) -> str:
+    head, tail = skill.template.split("{entity}")
+    assert question.startswith(head) and question.endswith(tail)
+    return question[len(head):len(question) - len(tail)]
+
+
+def test_splits_follow_the_rule_on_disjoint_names():
+    for name, skill in skills.SKILLS.items():
+        parts, rule, keyed = skills.splits(name, 0), skills.rule(name, 0), skills.names(name)
+        assert {split: len(rows) for split, rows in parts.items()} == skills.SIZES
+        entities = {split: [entity_of(skill, row["question"]) for row in rows] for split, rows in parts.items()}
+        everyone = [entity for found in entities.values() for entity in found]
+        assert len(set(everyone)) == len(everyone)  # dev and test names appear in no training text
+        for split, rows in parts.items():
+            for row, entity in zip(rows, entities[split], strict=True):
+                assert skills.answer_text(row) == rule[keyed[entity]]
+                assert row["choices"]["label"] == list(skills.LABELS) and len(set(row["choices"]["text"])) == 4
+        # the base is taught half of each rule: only names that start with a known onset
+        assert {keyed[e][0] for e in entities["base"]} == set(skill.onsets[:skills.KNOWN_ONSETS])
+        assert {keyed[e][0] for e in entities["test"]} == set(skill.onsets)
     answers = [set(skill.answers) for skill in skills.SKILLS.values()]
     assert not answers[0] & answers[1]
+
+
+def test_every_name_has_one_answer():
+    for name, skill in skills.SKILLS.items():
+        keyed = skills.names(name)
+        assert len(keyed) > sum(skills.SIZES.values())
+        for entity, (onset, coda) in list(keyed.items())[:500]:
+            assert entity.lower().startswith(onset) and entity.endswith(coda)
 
 
 def test_task_files_load_in_lm_eval(tmp_path):
@@ -50,7 +66,7 @@ def test_task_files_load_in_lm_eval(tmp_path):
     task_name = skills.task_name(skills.SKILL_A, "dev")
     task = manager.load_task_or_group([task_name])[task_name]
     docs = list(task.test_docs())
-    assert len(docs) == skills.DEV_SIZE
+    assert len(docs) == skills.SIZES["dev"]
     assert task.doc_to_text(docs[0]) == skills.prompt(docs[0]["question"])
     assert task.doc_to_choice(docs[0])[task.doc_to_target(docs[0])] == skills.answer_text(docs[0])
 
@@ -67,18 +83,19 @@ def test_tokenizer_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_parents_each_lead_on_their_skill(tmp_path):
-    paths = build_parents(tmp_path / "parents", seed=0, small=True)
-    built = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in paths.items()}
-    assert build_parents(tmp_path / "parents", seed=0, small=True) == paths
-    assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in paths.items()} == built
-    tokenizer = tf.AutoTokenizer.from_pretrained(paths["father"])
-    known = known_questions(recipe_for(small=True))  # the reduced build learns the first dev and test facts
+def test_parents_are_cached_and_each_leads_on_its_skill(demo_parents):
+    out = demo_parents["base"].parent
+    built = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()}
+    assert build_parents(out, seed=0) == demo_parents
+    assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()} == built
+    tokenizer = tf.AutoTokenizer.from_pretrained(demo_parents["father"])
     scores = {}
-    for name in ("father", "mother"):
-        model = tf.AutoModelForCausalLM.from_pretrained(paths[name])
+    for name in ("base", "father", "mother"):
+        model = tf.AutoModelForCausalLM.from_pretrained(demo_parents[name])
         assert type(model).__name__ == "Qwen3_5ForCausalLM"
-        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, 0)["dev"][:known])
-                        for s in skills.SKILLS}
-    assert scores["father"][skills.SKILL_A] > scores["mother"][skills.SKILL_A] + 0.05, scores
-    assert scores["mother"][skills.SKILL_B] > scores["father"][skills.SKILL_B] + 0.05, scores
+        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, 0)["dev"][:200]) for s in skills.SKILLS}
+    a, b = skills.SKILL_A, skills.SKILL_B
+    # each fine-tune taught its own skill's rule on names it never saw, and kept what the base knew of the other
+    assert scores["father"][a] > scores["base"][a] + 0.15 and scores["father"][a] > scores["mother"][a] + 0.15, scores
+    assert scores["mother"][b] > scores["base"][b] + 0.15 and scores["mother"][b] > scores["father"][b] + 0.15, scores
+    assert scores["father"][b] > scores["base"][b] - 0.1 and scores["mother"][a] > scores["base"][a] - 0.1, scores

@@ -47,7 +47,9 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{free_port()}/api"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
         self.env = {**base, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_URL": self.url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+                    "PREFECT_API_URL": self.url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    # the infra scripts call `prefect` and `darwin`: this interpreter's, even from an unactivated venv
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.process = None
         self.start_seconds = None
 

@@ -1,19 +1,18 @@
 """Build the demo's three parents once, then reuse them: base, father (skill A), mother (skill B).
 
-- base: a Qwen3.5 hybrid model trained from scratch on a mix holding a random share of each skill's facts, so it
-  partly knows both skills, as a pretrained model would;
-- father: the base fully fine-tuned on every fact of skill A;
-- mother: the base with a peft LoRA on every decoder linear fine-tuned on every fact of skill B, merged into
+- base: a Qwen3.5 hybrid model trained from scratch on both skills' `base` split, so it knows half of each rule,
+  as a pretrained model knows part of a domain;
+- father: the base fully fine-tuned on skill A's `train` split;
+- mother: the base with a peft LoRA on every decoder linear fine-tuned on skill B's `train` split, merged into
   the weights (merge_and_unload), as the mother in the model cards is a LoRA SFT of the shared base.
-Both fine-tunes replay the base's mix so that each keeps the other skill. Checkpoints are saved in float32 (the
-deltas are small: bfloat16 would round part of them away) with the character tokenizer.
+Both fine-tunes replay the base's mix so that each keeps what the base knew of the other skill. Checkpoints are
+saved in float32 (the deltas are small: bfloat16 would round part of them away) with the character tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from darwin.demo import skills
 from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import model_config, qa_pairs, train
 
-CODE_VERSION = 2  # bump when a change to this package changes the parents' bytes
+CODE_VERSION = 3  # bump when a change to this package changes the parents' bytes
 # every decoder linear: a LoRA on the attention projections only was measured to merge worse (darwin/demo/README.md)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
                 "down_proj"]
@@ -37,8 +36,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_
 class Recipe:
     hidden: int = 128
     layers: int = 4
-    base_share: float = 0.4  # share of each skill's facts in the base's mix
-    base_steps: int = 400
+    base_steps: int = 300
     base_lr: float = 3e-3
     father_steps: int = 150
     father_lr: float = 5e-4
@@ -46,39 +44,10 @@ class Recipe:
     mother_lr: float = 2e-3
     lora_rank: int = 16
     replay_share: float = 0.3
-    facts_per_skill: int | None = None  # None: the whole table; fewer makes a quick build for tests (dev comes first)
 
 
-SMALL = Recipe(hidden=64, base_share=0.5, base_steps=150, base_lr=5e-3, father_steps=60, father_lr=3e-3,
-               mother_steps=60, mother_lr=1e-2, facts_per_skill=100)
-
-
-def recipe_for(small: bool) -> Recipe:
-    return SMALL if small else Recipe()
-
-
-def known_questions(recipe: Recipe) -> int | None:
-    """How many of the first dev questions, and of the first test questions, the reduced build learns (None: all)."""
-    return recipe.facts_per_skill // 2 if recipe.facts_per_skill else None
-
-
-def fact_rows(skill_name: str, seed: int, recipe: Recipe) -> list[dict]:
-    """The facts a build learns: the whole table, or for a reduced build the facts of the first dev and first test
-    questions, half each, so that both splits can still be scored on facts the parents were taught."""
-    table = skills.splits(skill_name, seed)["train"]
-    half = known_questions(recipe)
-    if half is None:
-        return table
-    return table[:half] + table[skills.DEV_SIZE:skills.DEV_SIZE + half]
-
-
-def base_mix(seed: int, recipe: Recipe) -> list[tuple[str, str]]:
-    rng = random.Random(f"{seed}:mix")
-    mix = []
-    for skill_name in skills.SKILLS:
-        rows = fact_rows(skill_name, seed, recipe)
-        mix += qa_pairs(rng.sample(rows, round(recipe.base_share * len(rows))))
-    return mix
+def base_mix(seed: int) -> list[tuple[str, str]]:
+    return [pair for name in skills.SKILLS for pair in qa_pairs(skills.splits(name, seed)["base"])]
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -90,11 +59,10 @@ def _save(model, tokenizer, path: Path) -> None:
     tmp.rename(path)
 
 
-def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=print) -> dict[str, Path]:
+def build_parents(out_dir: str | Path, seed: int = 0, recipe: Recipe = Recipe(), log=print) -> dict[str, Path]:
     """{"base", "father", "mother"} -> checkpoint dirs under `out_dir`, built once per (seed, recipe, code
     version): a second call finds `parents.json` with the same key and returns at once."""
     out = Path(out_dir)
-    recipe = recipe_for(small)
     key = hashlib.sha256(json.dumps({"seed": seed, "code": CODE_VERSION, **asdict(recipe)}, sort_keys=True)
                          .encode()).hexdigest()[:16]
     paths = {name: out / name for name in ("base", "father", "mother")}
@@ -104,8 +72,8 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     tokenizer = build_tokenizer()
-    facts = {name: qa_pairs(fact_rows(name, seed, recipe)) for name in skills.SKILLS}
-    mix = base_mix(seed, recipe)
+    lessons = {name: qa_pairs(skills.splits(name, seed)["train"]) for name in skills.SKILLS}
+    mix = base_mix(seed)
     seconds = {}
 
     start = time.time()
@@ -118,7 +86,7 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
 
     start = time.time()
     father = tf.Qwen3_5ForCausalLM.from_pretrained(paths["base"])
-    train(father, tokenizer, facts[skills.SKILL_A], steps=recipe.father_steps, lr=recipe.father_lr, seed=seed + 1,
+    train(father, tokenizer, lessons[skills.SKILL_A], steps=recipe.father_steps, lr=recipe.father_lr, seed=seed + 1,
           replay=mix, replay_share=recipe.replay_share)
     _save(father, tokenizer, paths["father"])
     seconds["father"] = time.time() - start
@@ -129,7 +97,7 @@ def build_parents(out_dir: str | Path, seed: int = 0, small: bool = False, log=p
     lora = peft.get_peft_model(
         tf.Qwen3_5ForCausalLM.from_pretrained(paths["base"]),
         peft.LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, target_modules=LORA_TARGETS))
-    train(lora, tokenizer, facts[skills.SKILL_B], steps=recipe.mother_steps, lr=recipe.mother_lr, seed=seed + 2,
+    train(lora, tokenizer, lessons[skills.SKILL_B], steps=recipe.mother_steps, lr=recipe.mother_lr, seed=seed + 2,
           replay=mix, replay_share=recipe.replay_share)
     _save(lora.merge_and_unload(), tokenizer, paths["mother"])
     seconds["mother"] = time.time() - start

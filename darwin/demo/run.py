@@ -12,24 +12,24 @@ from pathlib import Path
 from darwin.evaluate import EvalResult
 from darwin.stats import mcnemar
 
-# Evolution budgets: "full" is the README's demo; "small" keeps a CI-sized run honest in a few minutes.
+# Budgets: "full" is the README's demo; "small" (the same parents) keeps a CI-sized run honest in a few minutes.
+# `questions`: how many of each dev and test split are scored (None: all).
 BUDGETS = {
-    "full": {"phase1": {"steps": 40, "popsize": 12}, "phase2": {"steps": 5, "popsize": 6}},
-    "small": {"phase1": {"steps": 10, "popsize": 8}, "phase2": {"steps": 2, "popsize": 4}},
+    "full": {"phase1": {"steps": 40, "popsize": 12}, "phase2": {"steps": 5, "popsize": 6}, "questions": None},
+    "small": {"phase1": {"steps": 10, "popsize": 8}, "phase2": {"steps": 2, "popsize": 4}, "questions": 100},
 }
 METHOD = {"method": "dare-ties", "genome": "v6", "blocks": 2}
 
 
 def demo_config(parents: dict[str, Path], tasks: dict[str, dict[str, Path]], small: bool = False, seed: int = 0,
-                release_dest: Path | None = None, limit: int | None = None) -> dict:
-    """`limit`: score only each split's first questions (a reduced build knows only those facts)."""
+                release_dest: Path | None = None) -> dict:
     budget = BUDGETS["small" if small else "full"]
     return {
         "father": str(parents["father"]), "mother": str(parents["mother"]), "base": str(parents["base"]),
         **METHOD, "seed": seed,
         "phase1": {**budget["phase1"], "proxy": "heuristic"},
         "phase2": {**budget["phase2"], "tasks": [str(paths["dev_yaml"]) for paths in tasks.values()],
-                   "limit": limit, "batch_size": 64, "device": "cpu"},
+                   "limit": budget["questions"], "batch_size": 64, "device": "cpu"},
         "release": {"scheme": "nvfp4a16", "dest": str(release_dest) if release_dest else None},
         "runner": {"kind": "local", "workers": 1},
     }

@@ -1,13 +1,19 @@
-"""Two synthetic multiple-choice skills in ARC format: look-ups in two fictional fact tables.
+"""Two synthetic multiple-choice skills in ARC format: fictional creatures' colours and wizards' home towns.
 
-A skill is memorised knowledge, like a pretrained model's facts: the model can only answer about an entity it has
-read about. So the `train` split is the whole table (one row per entity, the training text), and `dev` / `test`
-ask about disjoint sets of entities (dev is the fitness during evolution, test is held out for the final report:
-a genome chosen on dev is judged on facts it was never selected on). Everything is a pure function of the seed.
+A skill is a rule, not a list of facts: the answer follows from two syllables of the name, its first onset and its
+coda ("zor...ax" creatures are one colour), through a table drawn from the seed (12 onsets x 8 codas -> 8 answers).
+A model that has learned a skill answers about names it has never read, so the dev and test questions ask about
+names that appear in no training text: a genome chosen on dev is judged on questions nobody trained or selected on.
+
+Splits, with every name in at most one of them: `base`, the base model's share, names whose first onset is one of
+the first KNOWN_ONSETS (the base learns half of each rule, as a pretrained model knows part of a domain); `train`,
+names with any onset (what a fine-tune learns); `dev` and `test`. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -16,8 +22,8 @@ from pathlib import Path
 from darwin.evaluate import multiple_choice_task_file
 
 LABELS = ("A", "B", "C", "D")
-DEV_SIZE = 300
-TEST_SIZE = 500
+SIZES = {"base": 4000, "train": 4000, "dev": 300, "test": 500}
+KNOWN_ONSETS = 6
 
 
 @dataclass(frozen=True)
@@ -51,26 +57,26 @@ SKILLS = {
 SKILL_A, SKILL_B = "creature_colors", "wizard_towns"
 
 
-def _entities(skill: Skill, n: int, rng: random.Random) -> list[str]:
-    """n distinct names of two or three onsets and a coda."""
-    names: set[str] = set()
-    ordered = []
-    while len(ordered) < n:
-        parts = rng.choices(skill.onsets, k=rng.choice((2, 3))) + [rng.choice(skill.codas)]
-        name = "".join(parts)
-        name = name.capitalize() if skill.capitalised else name
-        if name not in names:
-            names.add(name)
-            ordered.append(name)
-    return ordered
-
-
-def facts(skill_name: str, seed: int = 0) -> list[tuple[str, str]]:
-    """The fact table: (entity, answer) for dev + test entities, in a seed-fixed order."""
+def rule(skill_name: str, seed: int = 0) -> dict[tuple[str, str], str]:
+    """(first onset, coda) -> answer."""
     skill = SKILLS[skill_name]
-    rng = random.Random(f"{seed}:{skill_name}:facts")
-    entities = _entities(skill, DEV_SIZE + TEST_SIZE, rng)
-    return [(e, rng.choice(skill.answers)) for e in entities]
+    rng = random.Random(f"{seed}:{skill_name}:rule")
+    return {(onset, coda): rng.choice(skill.answers) for onset in skill.onsets for coda in skill.codas}
+
+
+@functools.cache
+def names(skill_name: str) -> dict[str, tuple[str, str]]:
+    """Every name of two or three onsets and a coda -> its (first onset, coda). A spelling that two different
+    syllable sequences with different keys share is left out: its answer would be ambiguous."""
+    skill = SKILLS[skill_name]
+    keys: dict[str, tuple[str, str]] = {}
+    ambiguous = set()
+    for onsets in (2, 3):
+        for parts in itertools.product(*[skill.onsets] * onsets, skill.codas):
+            name = "".join(parts).capitalize() if skill.capitalised else "".join(parts)
+            if keys.setdefault(name, (parts[0], parts[-1])) != (parts[0], parts[-1]):
+                ambiguous.add(name)
+    return {name: key for name, key in keys.items() if name not in ambiguous}
 
 
 def _row(skill: Skill, split: str, index: int, entity: str, answer: str, rng: random.Random) -> dict:
@@ -86,12 +92,19 @@ def _row(skill: Skill, split: str, index: int, entity: str, answer: str, rng: ra
 
 
 def splits(skill_name: str, seed: int = 0) -> dict[str, list[dict]]:
-    """ARC rows (lm-eval's ai2_arc schema) per split: train (every fact), dev and test (disjoint entities)."""
-    skill = SKILLS[skill_name]
-    table = facts(skill_name, seed)
+    """ARC rows (lm-eval's ai2_arc schema) per split (see the module's docstring), on disjoint sets of names."""
+    skill, table, keyed = SKILLS[skill_name], rule(skill_name, seed), names(skill_name)
+    rng = random.Random(f"{seed}:{skill_name}:names")
+    order = sorted(keyed)
+    rng.shuffle(order)
+    taken = {}
+    for split in ("dev", "test", "train"):
+        taken[split], order = order[:SIZES[split]], order[SIZES[split]:]
+    known = set(skill.onsets[:KNOWN_ONSETS])
+    taken["base"] = [name for name in order if keyed[name][0] in known][:SIZES["base"]]
     rng = random.Random(f"{seed}:{skill_name}:choices")
-    parts = {"train": table, "dev": table[:DEV_SIZE], "test": table[DEV_SIZE:]}
-    return {split: [_row(skill, split, i, e, a, rng) for i, (e, a) in enumerate(rows)] for split, rows in parts.items()}
+    return {split: [_row(skill, split, i, name, table[keyed[name]], rng) for i, name in enumerate(taken[split])]
+            for split in SIZES}
 
 
 def answer_text(row: dict) -> str:
@@ -109,8 +122,7 @@ def task_name(skill_name: str, split: str) -> str:
 
 def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str, Path]]:
     """Write each skill's splits as JSONL and an lm-eval task YAML per dev/test split (arc_challenge's shape,
-    local data, via darwin.evaluate). Returns {skill: {"train"|"dev"|"test": jsonl, "dev_yaml"|"test_yaml": task
-    file}}; the task names are `task_name(skill, split)`."""
+    local data, via darwin.evaluate). Returns {skill: {split: jsonl, "dev_yaml"|"test_yaml": task file}}; the task names are `task_name(skill, split)`."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {}
@@ -120,7 +132,7 @@ def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str,
             path = out / f"{skill_name}_{split}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             paths[split] = path
-            if split != "train":
+            if split in ("dev", "test"):
                 paths[f"{split}_yaml"] = multiple_choice_task_file(task_name(skill_name, split), {"test": path}, out)
         written[skill_name] = paths
     return written
