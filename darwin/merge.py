@@ -190,21 +190,20 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     return out.reshape(a.shape)
 
 
-def parent_stats(plan: MergePlan, name: str, a: torch.Tensor, b: torch.Tensor, device: str = "cpu"
-                 ) -> tuple[dict, dict] | None:
-    """Both parents' MRI statistics of a tensor: from their profiles, else computed from the tensors in hand."""
-    if not a.is_floating_point():
-        return None
-    return (plan.mri_a.get(name) or tensor_stats(a.to(device)), plan.mri_b.get(name) or tensor_stats(b.to(device)))
+def parent_stats(profile: dict[str, dict], name: str, tensor: torch.Tensor, device: str = "cpu") -> dict:
+    """A parent's MRI statistics of a tensor: from its profile, else computed from the tensor in hand."""
+    return profile.get(name) or tensor_stats(tensor.to(device))
 
 
 def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
                  device: str = "cpu", stats: tuple[dict, dict] | None = None) -> tuple[torch.Tensor, dict]:
-    """One output tensor and its merge-report entry (`stats`: `parent_stats`, computed here when not given)."""
+    """One output tensor and its merge-report entry (`stats`: both parents' `parent_stats`, computed here when not
+    given)."""
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
     if not a.is_floating_point():
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
-    stats_a, stats_b = stats or parent_stats(plan, tp.name, a, b, device)
+    stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, device),
+                                 parent_stats(plan.mri_b, tp.name, b, device))
     ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
@@ -231,9 +230,7 @@ def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str 
 
     def read(checkpoint: Checkpoint, profile: dict[str, dict], name: str) -> tuple[torch.Tensor, dict | None]:
         tensor = checkpoint.read(name)
-        if not tensor.is_floating_point():
-            return tensor, None
-        return tensor, profile.get(name) or tensor_stats(tensor.to(device))
+        return tensor, parent_stats(profile, name, tensor, device) if tensor.is_floating_point() else None
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="darwin-read") as reader:
         def read_both(tp: TensorPlan):
