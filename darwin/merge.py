@@ -243,8 +243,7 @@ def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str 
             if index + 1 < len(todo):
                 pending = read_both(todo[index + 1])
             base = plan.base.read(tp.name) if plan.base is not None else None
-            stats = (stats_a, stats_b) if stats_a is not None and stats_b is not None else None
-            tensor, row = merge_tensor(plan, tp, a, b, base, device, stats)
+            tensor, row = merge_tensor(plan, tp, a, b, base, device, (stats_a, stats_b))
             yield tp.name, tensor, row
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from darwin.errors import DarwinError
+
 if TYPE_CHECKING:  # pandas is imported where a table is read: `darwin merge` starts without it
     import pandas as pd
 
@@ -49,8 +51,6 @@ def write_table(frame: pd.DataFrame, out: str | Path, stem: str, plot: bytes) ->
 
 def read_table(path: str | Path, stem: str, hint: str) -> pd.DataFrame:
     """A table written by `write_table`, from its directory or its parquet path; `hint` says how to make it."""
-    from darwin.errors import DarwinError
-
     path = Path(path)
     path = path / f"{stem}.parquet" if path.is_dir() else path
     if not path.is_file():

@@ -46,10 +46,6 @@ class Recipe:
     replay_share: float = 0.3
 
 
-def base_mix(seed: int) -> list[tuple[str, str]]:
-    return [pair for name in skills.SKILLS for pair in qa_pairs(skills.splits(name, seed)["base"])]
-
-
 def _save(model, tokenizer, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -72,8 +68,9 @@ def build_parents(out_dir: str | Path, seed: int = 0, recipe: Recipe = Recipe(),
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     tokenizer = build_tokenizer()
-    lessons = {name: qa_pairs(skills.splits(name, seed)["train"]) for name in skills.SKILLS}
-    mix = base_mix(seed)
+    parts = {name: skills.splits(name, seed) for name in skills.SKILLS}
+    lessons = {name: qa_pairs(split["train"]) for name, split in parts.items()}
+    mix = [pair for split in parts.values() for pair in qa_pairs(split["base"])]
     seconds = {}
 
     start = time.time()

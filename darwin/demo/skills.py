@@ -122,7 +122,8 @@ def task_name(skill_name: str, split: str) -> str:
 
 def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str, Path]]:
     """Write each skill's splits as JSONL and an lm-eval task YAML per dev/test split (arc_challenge's shape,
-    local data, via darwin.evaluate). Returns {skill: {split: jsonl, "dev_yaml"|"test_yaml": task file}}; the task names are `task_name(skill, split)`."""
+    local data, via darwin.evaluate). Returns {skill: {split: jsonl, "dev_yaml"|"test_yaml": task file}}; the task
+    names are `task_name(skill, split)`."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {}
