@@ -1,9 +1,8 @@
 """The demo at reduced size (its real parents, small budgets, 100 questions per split): the whole pipeline and its
 held-out report.
 
-The demo's claim (the child beats both parents with significance) is measured by `darwin demo` and reported in the
-README; it is not reached (a tie), so this test asserts what the run guarantees instead: distinct skills, a
-consistent report, a working child and a complete release.
+The full demo's figures are in the README; this run asserts the same claim at its size (the child's held-out
+fitness above both parents'), distinct skills, a consistent report and a complete release.
 """
 
 import json
@@ -32,8 +31,8 @@ def test_small_demo_runs_the_whole_pipeline(prefect_api, demo_parents, tmp_path_
     # held-out fitness is the mean over both skills
     for role in ("father", "mother", "child"):
         assert fitness[role] == pytest.approx((scores[role][skill_a] + scores[role][skill_b]) / 2)
-    # a broken merge falls towards chance (0.25): the chosen child stays near its parents
-    assert fitness["child"] > min(fitness["father"], fitness["mother"]) - 0.1
+    # the demo's claim: the child chosen on dev questions beats both parents on the held-out ones
+    assert fitness["child"] > max(fitness["father"], fitness["mother"])
     assert all(0.0 < p <= 1.0 for p in summary["p_values"].values())
     history = (run / "evolution" / "history.parquet")
     assert history.exists() and (run / "evolution" / "evolution.png").exists()

@@ -36,7 +36,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_
 class Recipe:
     hidden: int = 128
     layers: int = 4
-    base_steps: int = 300
+    base_steps: int = 600  # near convergence on its half of each rule: see darwin/demo/README.md
     base_lr: float = 3e-3
     father_steps: int = 150
     father_lr: float = 5e-4
