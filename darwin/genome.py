@@ -6,6 +6,7 @@ Gene values are rounded to 8 decimals on construction, so the hash names exactly
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -87,7 +88,7 @@ class Genome:
         return json.dumps({k: format(v, f".{DECIMALS}f") for k, v in sorted(self.genes.items())},
                           separators=(",", ":"))
 
-    @property
+    @functools.cached_property  # asked once per tensor by the merge: the JSON and sha256 cost more than small merges
     def hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 

@@ -22,6 +22,7 @@ bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,16 @@ REPORT_NAME = "merge_report.json"
 # The direct bf16 kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at
 # masks.CHUNK a 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
 DIRECT_CHUNK = 1 << 20
+
+
+def direct_chunk(numel: int, workers: int) -> int:
+    """At most DIRECT_CHUNK elements, in a multiple of `workers` equal chunks: a 1.05M-element tensor cut into 1M
+    and 48K kept one thread busy while the other waited. A tensor of a few thousand elements stays whole."""
+    if numel <= DIRECT_CHUNK // 16:
+        return max(1, numel)
+    pieces = -(-numel // DIRECT_CHUNK)
+    pieces = -(-pieces // workers) * workers
+    return -(-numel // pieces)
 
 
 def darwin_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
@@ -92,6 +103,24 @@ METHODS = {
     "darwin-v6": Method(darwin_form, darwin_kernel, needs_base=False, genome="v6"),
     "dare-ties": Method(dare_ties_form, dare_ties_kernel, needs_base=True, genome=None),
 }
+
+
+class BufferRing:
+    """Output memory recycled over a stream of merged tensors: `take` hands out slot after slot, so a tensor's
+    memory returns `depth` tensors later, when its consumer must be done with it. Fresh memory costs a page fault
+    per 4 KiB on first write, which took longer than the merge kernel itself (0.2 s against 0.1 s per 100M bf16)."""
+
+    def __init__(self, depth: int):
+        self._slots: list[torch.Tensor | None] = [None] * depth
+        self._next = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        slot = self._slots[self._next]
+        if slot is None or slot.numel() < nbytes:
+            slot = self._slots[self._next] = torch.empty(nbytes, dtype=torch.uint8)
+        self._next = (self._next + 1) % len(self._slots)
+        return slot[:nbytes].view(dtype)
 
 
 @dataclass(frozen=True)
@@ -144,19 +173,27 @@ def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: s
                      signals_a or ParentSignals(), signals_b or ParentSignals())
 
 
+@functools.cache
+def _chunk_pool(workers: int) -> ThreadPoolExecutor:
+    """The kernel's threads, started once per process: starting them for every tensor took longer than merging
+    the small tensors did."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="darwin-merge")
+
+
 def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
-                  final: float, device: str) -> torch.Tensor:
+                  final: float, device: str, ring: BufferRing | None = None) -> torch.Tensor:
     genome, spec = plan.genome, METHODS[plan.method]
     density_a, density_b = genome["density_a"], genome["density_b"]
     blend = genome.merge_method_weight()
     seed = masks.tensor_seed(genome.hash, tp.name)
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_base = base.reshape(-1) if base is not None else None
-    out = torch.empty(a.numel(), dtype=a.dtype)
+    out = ring.take(a.numel(), a.dtype) if ring is not None else torch.empty(a.numel(), dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
     # bf16 in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
     direct = fused and a.dtype == torch.bfloat16 and blend == 1.0
-    chunk = DIRECT_CHUNK if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
+    workers = torch.get_num_threads()
+    chunk = direct_chunk(a.numel(), workers) if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
 
     def merge_chunk(start: int) -> None:
         stop = min(a.numel(), start + chunk)
@@ -182,8 +219,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
 
     starts = range(0, a.numel(), chunk)
     if fused and len(starts) > 1:
-        with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="darwin-merge") as pool:
-            list(pool.map(merge_chunk, starts))
+        list(_chunk_pool(workers).map(merge_chunk, starts))
     else:
         for start in starts:
             merge_chunk(start)
@@ -196,9 +232,10 @@ def parent_stats(profile: dict[str, dict], name: str, tensor: torch.Tensor, devi
 
 
 def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
-                 device: str = "cpu", stats: tuple[dict, dict] | None = None) -> tuple[torch.Tensor, dict]:
+                 device: str = "cpu", stats: tuple[dict, dict] | None = None, ring: BufferRing | None = None
+                 ) -> tuple[torch.Tensor, dict]:
     """One output tensor and its merge-report entry (`stats`: both parents' `parent_stats`, computed here when not
-    given)."""
+    given; `ring`: where merged values go, else fresh memory)."""
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
     if not a.is_floating_point():
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
@@ -218,33 +255,39 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tens
         return a, row
     if chosen == "mother":
         return b, row
-    return _merge_values(plan, tp, a, b, base, final, device), row
+    return _merge_values(plan, tp, a, b, base, final, device, ring), row
+
+
+def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") -> dict[str, tuple[dict, dict]]:
+    """Both parents' MRI statistics of every tensor in `todo`, all before the first merge, in parallel threads.
+    Counting the next tensor while merging this one made the two wait on each other for the same cores (0.5 s of a
+    400M-parameter merge); a read is a view of the mapped shard, so this pass holds no tensor."""
+    def stats(job: tuple[Checkpoint, dict[str, dict], str]) -> dict | None:
+        checkpoint, profile, name = job
+        if name in profile:
+            return profile[name]
+        tensor = checkpoint.read(name)
+        return parent_stats(profile, name, tensor, device) if tensor.is_floating_point() else None
+
+    jobs = [(parent, profile, tp.name) for tp in todo
+            for parent, profile in ((plan.father, plan.mri_a), (plan.mother, plan.mri_b))]
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="darwin-stats") as pool:
+        found = list(pool.map(stats, jobs))
+    return {tp.name: (found[2 * i], found[2 * i + 1]) for i, tp in enumerate(todo)}
 
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
-                   ) -> Iterator[tuple[str, torch.Tensor, dict]]:
-    """(name, tensor, report entry) in plan order; the next tensor is read, and both parents' MRI statistics
-    computed (in two threads), while this one is merged."""
+                   ring: BufferRing | None = None) -> Iterator[tuple[str, torch.Tensor, dict]]:
+    """(name, tensor, report entry) in plan order, after `parents_stats`. With a `ring`, a yielded tensor's memory
+    is reused `depth` tensors later: the caller must be done with it by then."""
     wanted = set(names) if names is not None else None
     todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
-
-    def read(checkpoint: Checkpoint, profile: dict[str, dict], name: str) -> tuple[torch.Tensor, dict | None]:
-        tensor = checkpoint.read(name)
-        return tensor, parent_stats(profile, name, tensor, device) if tensor.is_floating_point() else None
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="darwin-read") as reader:
-        def read_both(tp: TensorPlan):
-            return (reader.submit(read, plan.father, plan.mri_a, tp.name),
-                    reader.submit(read, plan.mother, plan.mri_b, tp.name))
-
-        pending = read_both(todo[0]) if todo else None
-        for index, tp in enumerate(todo):
-            (a, stats_a), (b, stats_b) = (future.result() for future in pending)
-            if index + 1 < len(todo):
-                pending = read_both(todo[index + 1])
-            base = plan.base.read(tp.name) if plan.base is not None else None
-            tensor, row = merge_tensor(plan, tp, a, b, base, device, (stats_a, stats_b))
-            yield tp.name, tensor, row
+    stats = parents_stats(plan, todo, device)
+    for tp in todo:
+        a, b = plan.father.read(tp.name), plan.mother.read(tp.name)
+        base = plan.base.read(tp.name) if plan.base is not None else None
+        tensor, row = merge_tensor(plan, tp, a, b, base, device, stats[tp.name], ring)
+        yield tp.name, tensor, row
 
 
 def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None) -> dict:
@@ -270,6 +313,7 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
     writer = CheckpointWriter(out, template=plan.father.path, overwrite=overwrite,
                               metadata={"genome_hash": plan.genome.hash, "merge_method": plan.method})
     rows: dict[str, dict] = {}
+    ring = BufferRing(depth=2)  # one tensor being written while the next is merged
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-write") as write_pool:
             last_write = None
@@ -277,7 +321,7 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                 specs = [(tp.name, plan.father.tensors[tp.name].dtype, plan.father.tensors[tp.name].shape)
                          for tp in plan.tensors if tp.shard == shard]
                 stream = writer.shard(shard, specs)
-                for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device):
+                for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device, ring):
                     if last_write is not None:
                         last_write.result()  # at most one tensor waits for the disk: memory stays bounded
                     last_write = write_pool.submit(stream.write, name, tensor)

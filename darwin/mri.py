@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from darwin.checkpoint import Checkpoint, dtype_name
@@ -48,17 +49,17 @@ def bit_pattern_counts(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).double()
+def _pattern_values(dtype: torch.dtype) -> np.ndarray:
+    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).double().numpy()
 
 
 def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
     if tensor.dtype in SIXTEEN_BIT_FLOATS and tensor.numel():
-        counts = bit_pattern_counts(tensor)
-        seen = counts > 0
+        counts = bit_pattern_counts(tensor).numpy()
+        seen = np.flatnonzero(counts)
         values = _pattern_values(tensor.dtype)[seen]
-        if bool(torch.isfinite(values).all()):  # inf or nan: the float32 path gives what torch gives
-            return _stats_from_counts(values, counts[seen].double())
+        if np.isfinite(values).all():  # inf or nan: the float32 path gives what torch gives
+            return _stats_from_counts(values, counts[seen].astype(np.float64))
     x = tensor.detach().reshape(-1).float()
     norm = torch.linalg.vector_norm(x)
     std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
@@ -74,18 +75,19 @@ def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
     return {"norm": float(norm), "std": float(std), "entropy": float(entropy)}
 
 
-def _stats_from_counts(values: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
-    """The same statistics from each distinct value and how often it occurs (float64)."""
+def _stats_from_counts(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """The same statistics from each distinct value and how often it occurs, in float64 numpy: these few thousand
+    values need no torch op, whose intra-op threads would only contend with the merge's own threads."""
     n = counts.sum()
     mean = (counts * values).sum() / n
-    std = ((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt() if n > 1 else torch.zeros(())
+    std = math.sqrt((counts * (values - mean) ** 2).sum() / (n - 1)) if n > 1 else 0.0
     lo, hi = values.min(), values.max()
-    entropy = torch.zeros(())
+    entropy = 0.0
     if lo < hi:
-        hist = torch.histogram(values, bins=BINS, range=(float(lo), float(hi)), weight=counts).hist
+        hist, _ = np.histogram(values, bins=BINS, range=(lo, hi), weights=counts)
         p = hist[hist > 0] / n
-        entropy = -(p * torch.log2(p)).sum()
-    return {"norm": float((counts * values * values).sum().sqrt()), "std": float(std), "entropy": float(entropy)}
+        entropy = -(p * np.log2(p)).sum()
+    return {"norm": math.sqrt((counts * values * values).sum()), "std": float(std), "entropy": float(entropy)}
 
 
 def static_score(stats: dict[str, float], version: str) -> float:

@@ -210,6 +210,17 @@ def test_in_memory_merge_equals_the_written_child(parents, tmp_path):
     assert all(torch.equal(state[name], written.read(name)) for name in written.tensors)
 
 
+def test_buffer_ring_hands_memory_back_only_after_depth_takes():
+    ring = engine.BufferRing(depth=2)
+    first, second = ring.take(100, torch.bfloat16), ring.take(50, torch.float32)
+    assert first.data_ptr() != second.data_ptr()
+    third = ring.take(80, torch.float32)  # the first slot again (320 bytes fit in its 200: grown)
+    fourth = ring.take(25, torch.float32)  # the second slot, large enough as it is
+    assert fourth.data_ptr() == second.data_ptr() != third.data_ptr()
+    assert (third.dtype, third.numel(), fourth.numel()) == (torch.float32, 80, 25)
+    assert ring.take(10, torch.bfloat16).data_ptr() == third.data_ptr()
+
+
 def test_merge_task_is_idempotent(parents, tmp_path):
     from tasks.merge import merge_child
 
