@@ -1,10 +1,10 @@
 """The merge engine: plan every tensor from the genome, then stream the merge tensor by tensor.
 
 Methods are pure functions over float32 chunks of the flattened tensors, in one registry keyed by the method
-name of the run config. The engine maps the parents' shards (no copy on read), reads the next tensor and
-computes both parents' MRI statistics (two threads) while it merges the current one, and writes the previous one
-(a thread). Masks come from
-`darwin.masks` (counter-based), so the same genome gives the same bytes on any device, worker or order.
+name of the run config. The engine maps the parents' shards (no copy on read), computes both parents' MRI
+statistics of a shard's tensors (all threads), then merges tensor by tensor into recycled output memory while a
+thread writes the previous tensor. Masks come from `darwin.masks` (counter-based), so the same genome gives the
+same bytes on any device, worker or order.
 
 Forms (SPEC.md "Merge"), with r the tensor's final ratio:
 - darwin (father A is the base):  A + (B - A) * keep_b * r
@@ -264,8 +264,6 @@ def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") 
     400M-parameter merge); a read is a view of the mapped shard, so this pass holds no tensor."""
     def stats(job: tuple[Checkpoint, dict[str, dict], str]) -> dict | None:
         checkpoint, profile, name = job
-        if name in profile:
-            return profile[name]
         tensor = checkpoint.read(name)
         return parent_stats(profile, name, tensor, device) if tensor.is_floating_point() else None
 
