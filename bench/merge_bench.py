@@ -14,7 +14,8 @@ machine hits all of them alike; medians of --repeat rounds are printed.
   `mergekit-yaml config.yaml OUT --lazy-unpickle`, installed into its own venv under --work (torch first, from
   the local CPU wheel, so no CUDA build is pulled);
 - copy (the I/O floor): a Python process that reads every tensor of one checkpoint with safetensors and writes
-  it back, shard by shard (load_file + save_file), so it pays the same interpreter and torch import as darwin;
+  it back, shard by shard (load_file + save_file), so it pays the same interpreter and torch import as darwin
+  (imported with the garbage collector off, then frozen, as the `darwin` command imports);
   also `cp -r` (the kernel copies, no Python) for reference;
 - darwin-v5 on a --small model too: peak RSS should not grow with the model size.
 Outputs are deleted and the page cache flushed to disk (sync) between runs, outside the timed part.
@@ -38,9 +39,13 @@ from profile_bench import ROOT, SIZES, build_llama, checkpoint_bytes, run_measur
 GENOME = {"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5,
           "density_a": 0.5, "density_b": 0.5}
 COPY_SCRIPT = """
+import gc
+gc.disable()
 import sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
+gc.freeze()
+gc.enable()
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 dst.mkdir()
 for path in sorted(src.iterdir()):

@@ -8,6 +8,7 @@ User errors (`DarwinError`) print as one line and exit 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -30,7 +31,21 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _import_frozen(module_name: str):
+    """Import a command's module with the garbage collector off, then freeze what the import made: those objects
+    live as long as the process. Torch's import alone ran collections over its growing heap, and the exit ran one
+    more over all of it: 0.3 s of `darwin merge`'s 1.2 s start and stop."""
+    gc.disable()
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: this process is the command (the console script), so its imports may be frozen."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="darwin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    module = (_import_frozen if own_process else importlib.import_module)(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"darwin {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
