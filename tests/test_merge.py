@@ -210,6 +210,18 @@ def test_in_memory_merge_equals_the_written_child(parents, tmp_path):
     assert all(torch.equal(state[name], written.read(name)) for name in written.tensors)
 
 
+@pytest.mark.parametrize("numel", [1, 4096, engine.DIRECT_CHUNK + 48_000, 3 * engine.DIRECT_CHUNK - 5, 33_000_000])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_direct_chunks_cover_the_tensor_evenly_over_the_workers(numel, workers):
+    chunk = engine.direct_chunk(numel, workers)
+    pieces = -(-numel // chunk)
+    assert chunk <= max(engine.DIRECT_CHUNK, numel if numel <= engine.DIRECT_CHUNK // 16 else 0)
+    if numel > engine.DIRECT_CHUNK // 16:  # no thread waits on a short last chunk beyond one element per piece
+        assert pieces % workers == 0 and numel - (pieces - 1) * chunk >= chunk - pieces
+    else:
+        assert pieces == 1
+
+
 def test_buffer_ring_hands_memory_back_only_after_depth_takes():
     ring = engine.BufferRing(depth=2)
     first, second = ring.take(100, torch.bfloat16), ring.take(50, torch.float32)
