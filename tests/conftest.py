@@ -91,13 +91,8 @@ def pico_family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_parents(tmp_path_factory):
-    """The demo's real parents (seed 0), built once per session: the demo's own recipe, a few minutes on 2 cores.
-    Training is the one place where two intra-op threads pay; the suite's pinning to one is restored after."""
+    """The demo's real parents (seed 0), built once per session: the demo's own recipe, a few minutes on 2 cores
+    (`build_parents` sets the thread counts it trains with, and restores the suite's one after)."""
     from darwin.demo.parents import build_parents
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    try:
-        return build_parents(tmp_path_factory.mktemp("demo-parents"), seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    return build_parents(tmp_path_factory.mktemp("demo-parents"), seed=0)

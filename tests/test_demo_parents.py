@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers as tf
 import yaml
 
@@ -87,6 +88,7 @@ def test_parents_are_cached_and_each_leads_on_its_skill(demo_parents):
     out = demo_parents["base"].parent
     built = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()}
     assert build_parents(out, seed=0) == demo_parents
+    assert torch.get_num_threads() == 1  # the suite's pinning (conftest), restored after training on its own counts
     assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()} == built
     tokenizer = tf.AutoTokenizer.from_pretrained(demo_parents["father"])
     scores = {}

@@ -40,32 +40,41 @@ def qa_text(question: str, answer: str) -> tuple[str, str]:
     return prompt(question), f" {answer}"
 
 
-def encode_batch(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, answer ids + eos) per (context, answer)."""
+    contexts = tokenizer([context for context, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([answer for _, answer in pairs], add_special_tokens=False)["input_ids"]
+    return [(ctx, ans + [tokenizer.eos_token_id]) for ctx, ans in zip(contexts, answers)]
+
+
+def pad_batch(tokenizer, rows: Sequence[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
     """Right-padded ids, attention mask and labels that score only the answer and the eos after it (the
     question's entity names are random, so learning to predict them is wasted capacity)."""
-    rows = []
-    for context, answer in pairs:
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        ans = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((ctx + ans, [-100] * len(ctx) + ans))
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        mask[i, : len(row_ids)] = 1
-    return ids, mask, labels
+    width = max(len(ctx) + len(ans) for ctx, ans in rows)
+    ids, labels, mask = [], [], []
+    for ctx, ans in rows:
+        pad = width - len(ctx) - len(ans)
+        ids.append(ctx + ans + [tokenizer.pad_token_id] * pad)
+        labels.append([-100] * len(ctx) + ans + [-100] * pad)
+        mask.append([1] * (len(ctx) + len(ans)) + [0] * pad)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
+def encode_batch(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+    return pad_batch(tokenizer, tokenize_pairs(tokenizer, pairs))
 
 
 def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr: float, seed: int,
           batch_size: int = 64, warmup: int = 20, replay: Sequence[tuple[str, str]] = (),
           replay_share: float = 0.0) -> list[float]:
     """AdamW with warmup and cosine decay over (question, answer) pairs; a `replay_share` of each batch is drawn
-    from `replay` (the base's mix) so that a fine-tune keeps what it does not train. Returns the loss per step."""
+    from `replay` (the base's mix) so that a fine-tune keeps what it does not train. Returns the loss per step.
+    The batches come from `seed` alone and nothing is drawn from torch's global generator (the models have no
+    dropout), so two trainings may run side by side in one process."""
     rng = random.Random(seed)
-    torch.manual_seed(seed)
+    # tokenized once: the draws below pick the same rows from these lists as from `examples` and `replay`
+    examples, replay = (tokenize_pairs(tokenizer, [qa_text(q, a) for q, a in pairs]) if pairs else []
+                        for pairs in (examples, replay))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -75,7 +84,7 @@ def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr:
     losses = []
     for _ in range(steps):
         batch = rng.choices(examples, k=batch_size - n_replay) + rng.choices(replay, k=n_replay)
-        ids, mask, labels = encode_batch(tokenizer, [qa_text(q, a) for q, a in batch])
+        ids, mask, labels = pad_batch(tokenizer, batch)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
