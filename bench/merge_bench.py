@@ -13,10 +13,11 @@ machine hits all of them alike; medians of --repeat rounds are printed.
   at r = 0.5: weights min(1, 2(1-r)) and min(1, 2r), unnormalised), dtype bfloat16, CPU,
   `mergekit-yaml config.yaml OUT --lazy-unpickle`, installed into its own venv under --work (torch first, from
   the local CPU wheel, so no CUDA build is pulled);
-- copy (the I/O floor): a Python process that reads every tensor of one checkpoint with safetensors and writes
-  it back, shard by shard (load_file + save_file), so it pays the same interpreter and torch import as darwin
-  (imported with the garbage collector off, then frozen, as the `darwin` command imports);
-  also `cp -r` (the kernel copies, no Python) for reference;
+- copy (the I/O floor of the targets): a Python process that reads every tensor of one checkpoint with safetensors
+  and writes it back, shard by shard (load_file + save_file: what a Python tool that copies a checkpoint runs), so
+  it pays the interpreter and torch's import (imported with the garbage collector off, then frozen, as the `darwin`
+  command imports). darwin merge on CPU no longer imports torch (0.75 s here); for reference, two floors without
+  it: every file's bytes read and written by Python (no parsing), and `cp -r` (the kernel copies, no Python);
 - darwin-v5 on a --small model too: peak RSS should not grow with the model size.
 Outputs are deleted and the page cache flushed to disk (sync) between runs, outside the timed part.
 """
@@ -38,6 +39,14 @@ from profile_bench import ROOT, SIZES, build_llama, checkpoint_bytes, run_measur
 
 GENOME = {"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5,
           "density_a": 0.5, "density_b": 0.5}
+BYTES_COPY_SCRIPT = """
+import sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+for path in sorted(src.iterdir()):
+    (dst / path.name).write_bytes(path.read_bytes())
+"""
 COPY_SCRIPT = """
 import gc
 gc.disable()
@@ -112,6 +121,8 @@ def contenders(work: Path, models: dict[str, Path], small: dict[str, Path] | Non
                                         "--lazy-unpickle", "--no-copy-tokenizer", "--quiet"], out / "mergekit")
     table["copy (safetensors)"] = ([sys.executable, "-c", COPY_SCRIPT, str(models["father"]), str(out / "copy")],
                                    out / "copy")
+    table["copy (Python bytes)"] = ([sys.executable, "-c", BYTES_COPY_SCRIPT, str(models["father"]),
+                                     str(out / "bytes")], out / "bytes")
     table["copy (cp -r)"] = (["cp", "-r", str(models["father"]), str(out / "cp")], out / "cp")
     if small is not None:
         table["darwin-v5 small"] = (darwin + ["--father", str(small["father"]), "--mother", str(small["mother"]),
@@ -182,7 +193,9 @@ def main() -> None:
         line = f"{name}: "
         if "mergekit dare_ties" in med:
             line += f"/ mergekit {med[name]['wall'] / med['mergekit dare_ties']['wall']:.2f} (target <= 0.5), "
-        line += f"/ copy {med[name]['wall'] / med['copy (safetensors)']['wall']:.2f} (target <= 1.5)"
+        line += (f"/ copy {med[name]['wall'] / med['copy (safetensors)']['wall']:.2f} (target <= 1.5); for reference "
+                 f"/ Python bytes copy {med[name]['wall'] / med['copy (Python bytes)']['wall']:.2f}, "
+                 f"/ cp -r {med[name]['wall'] / med['copy (cp -r)']['wall']:.2f}")
         print(line)
     if small is not None:
         print(f"peak RSS darwin-v5 {args.size} / {args.small}: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -19,13 +20,17 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from darwin.errors import DarwinError
 from darwin.kinds import Family, family_for_config
 from darwin.runtime import CACHE_ROOT
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: `darwin merge` on CPU runs without it
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -35,24 +40,59 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REMOTE_CACHE = CACHE_ROOT / "remote"
 
-# safetensors dtype codes <-> torch dtypes (the writer emits headers itself).
-ST_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# A tensor's dtype is its safetensors code (as in the shard header): the torch dtype of that name, and the numpy
+# dtype that holds its bits. bf16 and fp8 have no numpy dtype; their bits ride in integers of the same width.
+DTYPES = {
+    "BOOL": ("bool", np.bool_), "U8": ("uint8", np.uint8), "I8": ("int8", np.int8), "I16": ("int16", np.int16),
+    "I32": ("int32", np.int32), "I64": ("int64", np.int64), "U16": ("uint16", np.uint16),
+    "U32": ("uint32", np.uint32), "U64": ("uint64", np.uint64), "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.int16), "F32": ("float32", np.float32), "F64": ("float64", np.float64),
+    "F8_E4M3": ("float8_e4m3fn", np.uint8), "F8_E5M2": ("float8_e5m2", np.uint8),
 }
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+_BY_TORCH_NAME = {name: code for code, (name, _) in DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_name(code: str) -> str:
+    """bfloat16 for BF16: the name users know from torch."""
+    return DTYPES[code][0]
+
+
+def raw_dtype(code: str) -> np.dtype:
+    return np.dtype(DTYPES[code][1])
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[code][0])
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype."""
+    return _BY_TORCH_NAME[str(dtype).removeprefix("torch.")]
+
+
+def to_torch(raw: np.ndarray, code: str) -> torch.Tensor:
+    """A tensor of dtype `code` over the memory of its raw bits (no copy)."""
+    import torch
+
+    return torch.from_numpy(raw).view(torch_dtype(code))
+
+
+def to_raw(tensor: torch.Tensor) -> np.ndarray:
+    """The raw bits of a tensor as a CPU numpy array (a view when the tensor is already contiguous on the CPU)."""
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.view(getattr(torch, raw_dtype(st_dtype(tensor.dtype)).name)).numpy()
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     shard: str
-    dtype: torch.dtype
+    dtype: str  # safetensors code: BF16, F32, ...
     shape: tuple[int, ...]
 
     @property
@@ -64,7 +104,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * raw_dtype(self.dtype).itemsize
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +175,8 @@ class Checkpoint:
         self.path = resolve(model)
         self.config = self._read_config()
         self.family: Family = family_for_config(self.config)
-        self._handles: dict[str, object] = {}
-        self._maps: dict[str, tuple[torch.UntypedStorage, int, dict[str, list[int]]]] = {}
+        self._pickled_states: dict[str, object] = {}
+        self._maps: dict[str, tuple[np.ndarray, int, dict[str, list[int]]]] = {}
         self._lock = threading.Lock()
         self._pickled = False
         self.tensors: dict[str, TensorInfo] = {}
@@ -186,24 +226,23 @@ class Checkpoint:
 
     def _read_header(self, shard: str) -> Iterator[TensorInfo]:
         if self._pickled:
+            import torch
+
             state = torch.load(self.path / shard, map_location="cpu", weights_only=True, mmap=True)
-            self._handles[shard] = state
+            self._pickled_states[shard] = state
             for name, tensor in state.items():
-                yield TensorInfo(name, shard, tensor.dtype, tuple(tensor.shape))
+                yield TensorInfo(name, shard, st_dtype(tensor.dtype), tuple(tensor.shape))
             return
-        handle = self._open(shard)
+        try:  # safetensors validates the header and every byte range against the file's size
+            handle = safe_open(self.path / shard, framework="numpy")
+        except (SafetensorError, OSError) as exc:
+            raise DarwinError(f"corrupt or truncated shard {self.path / shard}: {exc}") from None
         for name in handle.keys():
             piece = handle.get_slice(name)
-            yield TensorInfo(name, shard, ST_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
-
-    def _open(self, shard: str):
-        with self._lock:
-            if shard not in self._handles:
-                try:
-                    self._handles[shard] = safe_open(self.path / shard, framework="pt")
-                except (SafetensorError, OSError) as exc:
-                    raise DarwinError(f"corrupt or truncated shard {self.path / shard}: {exc}") from None
-            return self._handles[shard]
+            if piece.get_dtype() not in DTYPES:
+                raise DarwinError(f"{name} in {self.path / shard} has dtype {piece.get_dtype()}, which darwin does not "
+                                  f"read (it reads {', '.join(DTYPES)})")
+            yield TensorInfo(name, shard, piece.get_dtype(), tuple(piece.get_shape()))
 
     @property
     def shards(self) -> list[str]:
@@ -216,22 +255,33 @@ class Checkpoint:
         return self.family.classify(name)
 
     def read(self, name: str) -> torch.Tensor:
+        info = self._info(name)
+        if self._pickled:
+            return self._pickled_states[info.shard][name]
+        return to_torch(self.read_array(name), info.dtype)
+
+    def read_array(self, name: str) -> np.ndarray:
+        """The tensor's raw bits (numpy dtype `raw_dtype(info.dtype)`, its shape): a view of the mapped shard."""
+        info = self._info(name)
+        if self._pickled:
+            return to_raw(self._pickled_states[info.shard][name])
+        mapped, data_start, offsets = self._mapped(info.shard)
+        begin, end = offsets[name]
+        data = mapped[data_start + begin:data_start + end]
+        dtype = raw_dtype(info.dtype)
+        if (data_start + begin) % dtype.itemsize:  # a writer that left this tensor unaligned: copy it out
+            aligned = np.empty(info.numel, dtype=dtype)
+            aligned.view(np.uint8)[:] = data
+            data = aligned
+        return data.view(dtype).reshape(info.shape)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
         if info is None:
             raise DarwinError(f"tensor {name!r} is not in {self.path}")
-        if self._pickled:
-            return self._handles[info.shard][name]
-        storage, data_start, offsets = self._mapped(info.shard)
-        begin, end = offsets[name]
-        if (data_start + begin) % info.dtype.itemsize == 0:
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage, data_start + begin, (end - begin,))
-            return raw.view(info.dtype).reshape(info.shape)
-        try:  # a writer that left this tensor unaligned: safetensors copies it out
-            return self._open(info.shard).get_tensor(name)
-        except SafetensorError as exc:
-            raise DarwinError(f"cannot read {name} from {self.path / info.shard}: {exc}") from None
+        return info
 
-    def _mapped(self, shard: str) -> tuple[torch.UntypedStorage, int, dict[str, list[int]]]:
+    def _mapped(self, shard: str) -> tuple[np.ndarray, int, dict[str, list[int]]]:
         """The shard mapped copy-on-write, where its data starts, and each tensor's byte range: a read is a view of
         the page cache, where safetensors' get_tensor would copy every byte. safe_open has validated the header and
         the ranges against the file's size when the checkpoint was opened."""
@@ -241,9 +291,9 @@ class Checkpoint:
                 with open(path, "rb") as fh:
                     size = struct.unpack("<Q", fh.read(8))[0]
                     header = json.loads(fh.read(size))
+                    mapped = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
                 header.pop("__metadata__", None)
-                storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-                self._maps[shard] = (storage, 8 + size, {name: entry["data_offsets"] for name, entry in header.items()})
+                self._maps[shard] = (mapped, 8 + size, {name: entry["data_offsets"] for name, entry in header.items()})
             return self._maps[shard]
 
     @property
@@ -295,14 +345,14 @@ def check_compatible(father: Checkpoint, mother: Checkpoint, base: Checkpoint | 
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 
-def _header_bytes(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None) -> bytes:
+def _header_bytes(specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict | None) -> bytes:
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, dtype, shape in specs:
-        size = dtype.itemsize
+        size = raw_dtype(dtype).itemsize
         for d in shape:
             size *= d
-        header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -316,19 +366,22 @@ class ShardStream:
     offsets first, then the raw bytes) so a shard never has to be held whole.
     """
 
-    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+    def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]], metadata=None):
         self.path = path
         self.specs = specs
         self._next = 0
         self._fh = open(path, "wb")
         self._fh.write(_header_bytes(specs, metadata))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray | torch.Tensor) -> None:
+        """`data`: a tensor, or raw bits as `Checkpoint.read_array` gives them."""
         expected_name, dtype, shape = self.specs[self._next]
-        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        got = data.dtype if isinstance(data, np.ndarray) else st_dtype(data.dtype)
+        raw = data if isinstance(data, np.ndarray) else to_raw(data)
+        if name != expected_name or raw.dtype != raw_dtype(dtype) or tuple(data.shape) != tuple(shape):
             raise ValueError(f"{self.path.name}: expected {expected_name} {dtype}{list(shape)}, "
-                             f"got {name} {tensor.dtype}{list(tensor.shape)}")
-        self._fh.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                             f"got {name} {got}{list(data.shape)}")
+        self._fh.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:
@@ -369,7 +422,7 @@ class CheckpointWriter:
         else:
             self.abort()
 
-    def shard(self, filename: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> ShardStream:
+    def shard(self, filename: str, specs: list[tuple[str, str, tuple[int, ...]]]) -> ShardStream:
         for name, _, _ in specs:
             self.weight_map[name] = filename
         return ShardStream(self.tmp / filename, specs, self.metadata)
@@ -385,7 +438,7 @@ class CheckpointWriter:
             return
         self._auto_shards += 1
         filename = f"model-{self._auto_shards:05d}.safetensors"
-        stream = self.shard(filename, [(n, t.dtype, tuple(t.shape)) for n, t in self._pending])
+        stream = self.shard(filename, [(n, st_dtype(t.dtype), tuple(t.shape)) for n, t in self._pending])
         for name, tensor in self._pending:
             stream.write(name, tensor)
         stream.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from darwin.checkpoint import Checkpoint
+from darwin.checkpoint import Checkpoint, torch_dtype
 from darwin.evaluate import TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
@@ -92,7 +92,7 @@ def _prepare(parents: Parents, device: str):
                                Checkpoint(parents.base) if parents.base else None)
         _worker.mri = (load_mri(parents.mri_father), load_mri(parents.mri_mother))
         _worker.signals = (load_signals(parents.probes_father), load_signals(parents.probes_mother))
-        dtype = next(iter(father.tensors.values())).dtype
+        dtype = torch_dtype(next(iter(father.tensors.values())).dtype)
         _worker.model = load_pretrained(AutoModelForCausalLM, father.path, dtype=dtype).to(device).eval()
         _worker.tokenizer = AutoTokenizer.from_pretrained(father.path)
         _worker.key, _worker.model_device = parents, device

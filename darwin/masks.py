@@ -6,15 +6,18 @@ bits 16..39 the father's. Any chunking, thread split or device draws the same bi
 on any worker in any order.
 
 torch has no unsigned 64-bit arithmetic, but int64 multiply and add wrap modulo 2^64 like uint64 does; only the
-right shifts differ (arithmetic), so they are masked back to logical shifts.
+right shifts differ (arithmetic), so they are masked back to logical shifts. On CPU the C kernel draws the same bits
+(darwin/_kernels.c); torch is imported only where these torch forms run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9
@@ -42,6 +45,8 @@ def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 def splitmix(seed: int, start: int, stop: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """The raw 64-bit outputs (as int64) for flat indices [start, stop)."""
+    import torch
+
     z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
     z.mul_(_signed(GOLDEN)).add_(_signed(seed))
     z.bitwise_xor_(_shr(z, 30)).mul_(_signed(MIX1))

@@ -17,7 +17,8 @@ Forms (SPEC.md "Merge"), with r the tensor's final ratio:
 
 On CPU the mask bits and the form run fused in one C pass per chunk (`darwin/_kernels.c`, chunks in parallel
 threads); on CUDA, or where the extension was not built, the same operations run as torch ops. Both give the same
-bytes.
+bytes. The engine moves tensors as their raw bits in numpy arrays (`Checkpoint.read_array`): a bf16 or float32
+merge on CPU never imports torch, which took 0.75 s of `darwin merge`'s start on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from darwin import masks, prescribe
-from darwin.checkpoint import Checkpoint, CheckpointWriter, check_compatible
+from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, check_compatible, to_torch, torch_dtype
 from darwin.errors import DarwinError
 from darwin.genome import Genome
-from darwin.mri import tensor_stats
+from darwin.mri import array_stats, tensor_stats
 from darwin.prescribe import ParentSignals
+from darwin.runtime import cpu_threads
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     from darwin import _kernels
@@ -45,9 +51,11 @@ except ImportError:  # built without a C compiler: the torch path alone
     _kernels = None
 
 REPORT_NAME = "merge_report.json"
-# The direct bf16 kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at
-# masks.CHUNK a 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
+# The direct kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at masks.CHUNK a
+# 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
 DIRECT_CHUNK = 1 << 20
+# dtypes the kernel reads and writes in place (the value: its bf16 flag); others go through float32 torch chunks
+KERNEL_DTYPES = {"BF16": True, "F32": False}
 
 
 def direct_chunk(numel: int, workers: int) -> int:
@@ -61,6 +69,8 @@ def direct_chunk(numel: int, workers: int) -> int:
 
 
 def darwin_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
+    import torch
+
     return a + torch.where(keep_b, (b - a) * r, 0.0)
 
 
@@ -70,6 +80,8 @@ def task_weights(r: float) -> tuple[float, float]:
 
 
 def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
+    import torch
+
     weight_a, weight_b = task_weights(r)
     delta_a = torch.where(keep_a, (a - base) * (weight_a / density_a), 0.0) if density_a > 0 else torch.zeros_like(a)
     delta_b = torch.where(keep_b, (b - base) * (weight_b / density_b), 0.0) if density_b > 0 else torch.zeros_like(b)
@@ -111,14 +123,14 @@ class BufferRing:
     per 4 KiB on first write, which took longer than the merge kernel itself (0.2 s against 0.1 s per 100M bf16)."""
 
     def __init__(self, depth: int):
-        self._slots: list[torch.Tensor | None] = [None] * depth
+        self._slots: list[np.ndarray | None] = [None] * depth
         self._next = 0
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
+    def take(self, numel: int, dtype: np.dtype) -> np.ndarray:
+        nbytes = numel * np.dtype(dtype).itemsize
         slot = self._slots[self._next]
-        if slot is None or slot.numel() < nbytes:
-            slot = self._slots[self._next] = torch.empty(nbytes, dtype=torch.uint8)
+        if slot is None or slot.size < nbytes:
+            slot = self._slots[self._next] = np.empty(nbytes, dtype=np.uint8)
         self._next = (self._next + 1) % len(self._slots)
         return slot[:nbytes].view(dtype)
 
@@ -180,44 +192,52 @@ def _chunk_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="darwin-merge")
 
 
-def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
-                  final: float, device: str, ring: BufferRing | None = None) -> torch.Tensor:
+def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None,
+                  final: float, device: str, ring: BufferRing | None = None) -> np.ndarray:
+    """The merged raw bits of one tensor from its parents' raw bits (`Checkpoint.read_array`)."""
     genome, spec = plan.genome, METHODS[plan.method]
+    code = plan.father.tensors[tp.name].dtype
     density_a, density_b = genome["density_a"], genome["density_b"]
     blend = genome.merge_method_weight()
     seed = masks.tensor_seed(genome.hash, tp.name)
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_base = base.reshape(-1) if base is not None else None
-    out = ring.take(a.numel(), a.dtype) if ring is not None else torch.empty(a.numel(), dtype=a.dtype)
+    out = ring.take(a.size, a.dtype) if ring is not None else np.empty(a.size, dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
-    # bf16 in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
-    direct = fused and a.dtype == torch.bfloat16 and blend == 1.0
-    workers = torch.get_num_threads()
-    chunk = direct_chunk(a.numel(), workers) if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
+    # raw bits in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
+    direct = fused and code in KERNEL_DTYPES and blend == 1.0
+    workers = cpu_threads()
+    chunk = direct_chunk(a.size, workers) if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
+    if direct:
+        def merge_chunk(start: int) -> None:
+            stop = min(a.size, start + chunk)
+            spec.kernel(*(x[start:stop] if x is not None else None for x in (out, flat_a, flat_b, flat_base)),
+                        start, seed, final, density_a, density_b, KERNEL_DTYPES[code])
+    else:
+        import torch
 
-    def merge_chunk(start: int) -> None:
-        stop = min(a.numel(), start + chunk)
-        if direct:
-            raw = [t[start:stop].view(torch.int16).numpy() if t is not None else None
-                   for t in (out, flat_a, flat_b, flat_base)]
-            spec.kernel(*raw, start, seed, final, density_a, density_b, True)
-            return
-        ca = flat_a[start:stop].to(device=device, dtype=torch.float32)
-        cb = flat_b[start:stop].to(device=device, dtype=torch.float32)
-        cbase = flat_base[start:stop].to(device=device, dtype=torch.float32) if flat_base is not None else None
-        if fused:
-            merged = torch.empty_like(ca)
-            spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
-                        start, seed, final, density_a, density_b, False)
-        else:
-            keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None, density_b,
-                                              device)
-            merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
-        if blend != 1.0:
-            merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
-        out[start:stop] = merged.to(a.dtype).cpu()
+        dtype = torch_dtype(code)
+        out_t, a_t, b_t = (to_torch(x, code) for x in (out, flat_a, flat_b))
+        base_t = to_torch(flat_base, code) if flat_base is not None else None
 
-    starts = range(0, a.numel(), chunk)
+        def merge_chunk(start: int) -> None:
+            stop = min(a.size, start + chunk)
+            ca = a_t[start:stop].to(device=device, dtype=torch.float32)
+            cb = b_t[start:stop].to(device=device, dtype=torch.float32)
+            cbase = base_t[start:stop].to(device=device, dtype=torch.float32) if base_t is not None else None
+            if fused:
+                merged = torch.empty_like(ca)
+                spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
+                            start, seed, final, density_a, density_b, False)
+            else:
+                keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None,
+                                                  density_b, device)
+                merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
+            if blend != 1.0:
+                merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
+            out_t[start:stop] = merged.to(dtype).cpu()
+
+    starts = range(0, a.size, chunk)
     if fused and len(starts) > 1:
         list(_chunk_pool(workers).map(merge_chunk, starts))
     else:
@@ -226,21 +246,24 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Ten
     return out.reshape(a.shape)
 
 
-def parent_stats(profile: dict[str, dict], name: str, tensor: torch.Tensor, device: str = "cpu") -> dict:
-    """A parent's MRI statistics of a tensor: from its profile, else computed from the tensor in hand."""
-    return profile.get(name) or tensor_stats(tensor.to(device))
+def parent_stats(profile: dict[str, dict], name: str, raw: np.ndarray, code: str, device: str = "cpu") -> dict:
+    """A parent's MRI statistics of a tensor: from its profile, else computed from its raw bits in hand."""
+    if name in profile:
+        return profile[name]
+    return array_stats(raw, code) if device == "cpu" else tensor_stats(to_torch(raw, code).to(device))
 
 
-def merge_tensor(plan: MergePlan, tp: TensorPlan, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None,
+def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None,
                  device: str = "cpu", stats: tuple[dict, dict] | None = None, ring: BufferRing | None = None
-                 ) -> tuple[torch.Tensor, dict]:
-    """One output tensor and its merge-report entry (`stats`: both parents' `parent_stats`, computed here when not
-    given; `ring`: where merged values go, else fresh memory)."""
+                 ) -> tuple[np.ndarray, dict]:
+    """One output tensor's raw bits and its merge-report entry, from the parents' raw bits (`stats`: both parents'
+    `parent_stats`, computed here when not given; `ring`: where merged values go, else fresh memory)."""
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
-    if not a.is_floating_point():
+    code = plan.father.tensors[tp.name].dtype
+    if code not in FLOAT_DTYPES:
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
-    stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, device),
-                                 parent_stats(plan.mri_b, tp.name, b, device))
+    stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, code, device),
+                                 parent_stats(plan.mri_b, tp.name, b, code, device))
     ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
@@ -264,26 +287,28 @@ def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") 
     read is a view of the mapped shard, so this pass holds no tensor."""
     def stats(job: tuple[Checkpoint, dict[str, dict], str]) -> dict | None:
         checkpoint, profile, name = job
-        tensor = checkpoint.read(name)
-        return parent_stats(profile, name, tensor, device) if tensor.is_floating_point() else None
+        code = checkpoint.tensors[name].dtype
+        if code not in FLOAT_DTYPES:
+            return None
+        return parent_stats(profile, name, checkpoint.read_array(name), code, device)
 
     jobs = [(parent, profile, tp.name) for tp in todo
             for parent, profile in ((plan.father, plan.mri_a), (plan.mother, plan.mri_b))]
-    with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="darwin-stats") as pool:
+    with ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="darwin-stats") as pool:
         found = list(pool.map(stats, jobs))
     return {tp.name: (found[2 * i], found[2 * i + 1]) for i, tp in enumerate(todo)}
 
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
-                   ring: BufferRing | None = None) -> Iterator[tuple[str, torch.Tensor, dict]]:
-    """(name, tensor, report entry) in plan order, after `parents_stats`. With a `ring`, a yielded tensor's memory
+                   ring: BufferRing | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(name, raw bits, report entry) in plan order, after `parents_stats`. With a `ring`, a yielded array's memory
     is reused `depth` tensors later: the caller must be done with it by then."""
     wanted = set(names) if names is not None else None
     todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
     stats = parents_stats(plan, todo, device)
     for tp in todo:
-        a, b = plan.father.read(tp.name), plan.mother.read(tp.name)
-        base = plan.base.read(tp.name) if plan.base is not None else None
+        a, b = plan.father.read_array(tp.name), plan.mother.read_array(tp.name)
+        base = plan.base.read_array(tp.name) if plan.base is not None else None
         tensor, row = merge_tensor(plan, tp, a, b, base, device, stats[tp.name], ring)
         yield tp.name, tensor, row
 
@@ -343,9 +368,11 @@ def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
     rows = {}
+    import torch
+
     with torch.no_grad():
-        for name, tensor, row in merged_tensors(plan, device=device):
-            state[name].copy_(tensor)
+        for name, raw, row in merged_tensors(plan, device=device):
+            state[name].copy_(to_torch(raw, plan.father.tensors[name].dtype))
             rows[name] = row
     return rows
 

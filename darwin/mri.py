@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from darwin.checkpoint import Checkpoint, dtype_name
+from darwin.checkpoint import Checkpoint, dtype_name, st_dtype, to_torch
 from darwin.report import png, read_table, write_table
 
-if TYPE_CHECKING:  # pandas is imported where a frame is made: `darwin merge` starts without it
+if TYPE_CHECKING:  # pandas is imported where a frame is made, torch where a tensor is: `darwin merge` starts without
     import pandas as pd
+    import torch
 
 try:
     from darwin import _kernels
@@ -35,31 +35,57 @@ SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, s
 
 
 PATTERNS = 1 << 16
-SIXTEEN_BIT_FLOATS = (torch.bfloat16, torch.float16)
+SIXTEEN_BIT_FLOATS = ("BF16", "F16")
 
 
-def bit_pattern_counts(tensor: torch.Tensor) -> torch.Tensor:
-    """How many elements of a 16-bit tensor hold each bit pattern: int64[65536] on the CPU."""
+def pattern_counts(bits: np.ndarray) -> np.ndarray:
+    """How many of a CPU array's 16-bit values hold each bit pattern: int64[65536]."""
+    bits = np.ascontiguousarray(bits).reshape(-1).view(np.uint16)
+    if _kernels is None:
+        return np.bincount(bits, minlength=PATTERNS)
+    counts = np.zeros(PATTERNS, dtype=np.int64)
+    _kernels.bit_counts(counts, bits)
+    return counts
+
+
+def bit_pattern_counts(tensor: torch.Tensor) -> np.ndarray:
+    """`pattern_counts` of a 16-bit tensor on any device (bincount where it lives, off the CPU)."""
+    import torch
+
     bits = tensor.detach().contiguous().reshape(-1).view(torch.int16)
-    if bits.device.type == "cpu" and _kernels is not None:
-        counts = torch.zeros(PATTERNS, dtype=torch.int64)
-        _kernels.bit_counts(counts.numpy(), bits.numpy())
-        return counts
-    return torch.bincount(bits.to(torch.int32) & (PATTERNS - 1), minlength=PATTERNS).cpu()
+    if bits.device.type == "cpu":
+        return pattern_counts(bits.numpy())
+    return torch.bincount(bits.to(torch.int32) & (PATTERNS - 1), minlength=PATTERNS).cpu().numpy()
 
 
 @functools.cache
-def _pattern_values(dtype: torch.dtype) -> np.ndarray:
-    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).double().numpy()
+def _pattern_values(code: str) -> np.ndarray:
+    """The float64 value of every 16-bit pattern of a bf16 or fp16 tensor (both widen exactly)."""
+    patterns = np.arange(PATTERNS, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):  # signalling NaN patterns: never used, `_stats_from_pattern_counts` checks
+        if code == "BF16":
+            return (patterns << 16).view(np.float32).astype(np.float64)
+        return patterns.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def array_stats(raw: np.ndarray, code: str) -> dict[str, float]:
+    """`tensor_stats` of a CPU tensor given as raw bits (`Checkpoint.read_array`) and its safetensors dtype: a 16-bit
+    float tensor is counted without torch."""
+    if code in SIXTEEN_BIT_FLOATS and raw.size:
+        stats = _stats_from_pattern_counts(pattern_counts(raw), code)
+        if stats is not None:
+            return stats
+    return tensor_stats(to_torch(raw, code))
 
 
 def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
-    if tensor.dtype in SIXTEEN_BIT_FLOATS and tensor.numel():
-        counts = bit_pattern_counts(tensor).numpy()
-        seen = np.flatnonzero(counts)
-        values = _pattern_values(tensor.dtype)[seen]
-        if np.isfinite(values).all():  # inf or nan: the float32 path gives what torch gives
-            return _stats_from_counts(values, counts[seen].astype(np.float64))
+    code = st_dtype(tensor.dtype)
+    if code in SIXTEEN_BIT_FLOATS and tensor.numel():
+        stats = _stats_from_pattern_counts(bit_pattern_counts(tensor), code)
+        if stats is not None:
+            return stats
+    import torch
+
     x = tensor.detach().reshape(-1).float()
     norm = torch.linalg.vector_norm(x)
     std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
@@ -75,9 +101,15 @@ def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
     return {"norm": float(norm), "std": float(std), "entropy": float(entropy)}
 
 
-def _stats_from_counts(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
-    """The same statistics from each distinct value and how often it occurs, in float64 numpy: these few thousand
-    values need no torch op, whose intra-op threads would only contend with the merge's own threads."""
+def _stats_from_pattern_counts(counts: np.ndarray, code: str) -> dict[str, float] | None:
+    """The statistics from how often each bit pattern occurs, in float64 numpy: these few thousand values need no
+    torch op, whose intra-op threads would only contend with the merge's own threads. None with inf or nan values:
+    the float32 path then gives what torch gives."""
+    seen = np.flatnonzero(counts)
+    values = _pattern_values(code)[seen]
+    if not np.isfinite(values).all():
+        return None
+    counts = counts[seen].astype(np.float64)
     n = counts.sum()
     mean = (counts * values).sum() / n
     std = math.sqrt((counts * (values - mean) ** 2).sum() / (n - 1)) if n > 1 else 0.0

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
-
-import torch
 
 from darwin.errors import DarwinError
 
@@ -15,6 +14,10 @@ CACHE_ROOT = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwi
 
 
 def pick_device(device: str = "auto") -> str:
+    if device == "cpu":  # without importing torch: `darwin merge` on CPU runs without it
+        return device
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -22,6 +25,15 @@ def pick_device(device: str = "auto") -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise DarwinError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
     return device
+
+
+def cpu_threads() -> int:
+    """How many threads CPU work may use: torch's intra-op count where torch is loaded (callers pin it, e.g. one per
+    Phase 2 worker), else what torch would take (OMP_NUM_THREADS, or the CPUs this process may run on)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
 
 
 # transformers 5.23's from_pretrained is not thread-safe: two threads loading at once can leave a tied lm_head on the

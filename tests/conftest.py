@@ -37,13 +37,14 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def pico_checkpoint(tmp_path_factory):
-    """save(family, seed=0, perturb=None) -> path of a tiny multi-shard checkpoint, built once per argument set."""
+    """save(family, seed=0, perturb=None, dtype=bf16) -> path of a tiny multi-shard checkpoint, built once per
+    argument set."""
     built = {}
 
-    def make(family: str, seed: int = 0, perturb: int | None = None, scale: float = 0.02):
-        key = (family, seed, perturb, scale)
+    def make(family: str, seed: int = 0, perturb: int | None = None, scale: float = 0.02, dtype=torch.bfloat16):
+        key = (family, seed, perturb, scale, dtype)
         if key not in built:
-            model = pico.build(family, seed=seed)
+            model = pico.build(family, seed=seed, dtype=dtype)
             if perturb is not None:
                 pico.perturbed(model, perturb, scale)
             path = tmp_path_factory.mktemp(f"{family}-{seed}-{perturb}")

@@ -27,11 +27,33 @@ def test_single_file_checkpoint(tmp_path):
     assert Checkpoint(tmp_path).read("model.layers.0.mlp.up_proj.weight").sum() == 16
 
 
+def test_unaligned_tensors_and_every_dtype_read_back(tmp_path):
+    """Raw bits and tensors agree for every dtype, a tensor after an odd-sized one (unaligned) included."""
+    state = {"a.odd": torch.arange(3, dtype=torch.uint8), "b.after": torch.randn(5, 3).to(torch.bfloat16),
+             "c.f8": torch.randn(4).to(torch.float8_e4m3fn), "d.f16": torch.randn(2, 2).half(),
+             "e.bool": torch.tensor([True, False]), "f.i64": torch.tensor([-1, 2**40])}
+    with CheckpointWriter(tmp_path / "odd") as writer:
+        for name, tensor in state.items():
+            writer.add(name, tensor)
+    checkpoint = Checkpoint(tmp_path / "odd")
+    for name, tensor in state.items():
+        assert torch.equal(checkpoint.read(name).view(torch.uint8), tensor.view(torch.uint8)), name
+        assert checkpoint.read_array(name).tobytes() == tensor.view(torch.uint8).numpy().tobytes(), name
+
+
+def test_unknown_dtype_is_one_clear_error(tmp_path):
+    save_file({"w": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "model.safetensors")
+    with pytest.raises(DarwinError, match="w in .*model.safetensors has dtype C64"):
+        Checkpoint(tmp_path)
+
+
 def test_pickle_checkpoints_are_refused_unless_asked(tmp_path):
     torch.save({"model.layers.0.mlp.up_proj.weight": torch.ones(2, 2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(DarwinError, match="pickle"):
         Checkpoint(tmp_path)
-    assert Checkpoint(tmp_path, allow_pickle=True).read("model.layers.0.mlp.up_proj.weight").shape == (2, 2)
+    pickled = Checkpoint(tmp_path, allow_pickle=True)
+    assert pickled.read("model.layers.0.mlp.up_proj.weight").shape == (2, 2)
+    assert pickled.read_array("model.layers.0.mlp.up_proj.weight").tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
 def test_bad_inputs_name_the_file(tmp_path, pico_checkpoint):

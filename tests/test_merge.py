@@ -1,5 +1,7 @@
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,6 +200,20 @@ def test_child_loads_in_transformers_and_generates(parents, tmp_path):
     assert generated.shape == (1, 7)
 
 
+def test_cpu_merge_of_bf16_parents_runs_without_torch(parents, tmp_path):
+    """torch's import was most of `darwin merge`'s start-up: the CPU engine works on raw bits and never loads it."""
+    genome = tmp_path / "genome.json"
+    genome.write_text(json.dumps(V5))
+    argv = ["merge", "--father", str(parents["father"].path), "--mother", str(parents["mother"].path), "--base",
+            str(parents["base"].path), "--genome", str(genome), "--method", "dare-ties", "--out", str(tmp_path / "child")]
+    code = f"import sys; from flows.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-2:] == ["0", "False"]
+    in_process = merge_to_dir(plan_merge(parents["father"], parents["mother"], Genome.from_dict(V5), "dare-ties",
+                                         base=parents["base"]), tmp_path / "in-process")
+    assert all_bytes(tmp_path / "child") == all_bytes(in_process)
+
+
 def test_in_memory_merge_equals_the_written_child(parents, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -224,13 +240,13 @@ def test_direct_chunks_cover_the_tensor_evenly_over_the_workers(numel, workers):
 
 def test_buffer_ring_hands_memory_back_only_after_depth_takes():
     ring = engine.BufferRing(depth=2)
-    first, second = ring.take(100, torch.bfloat16), ring.take(50, torch.float32)
-    assert first.data_ptr() != second.data_ptr()
-    third = ring.take(80, torch.float32)  # the first slot again (320 bytes fit in its 200: grown)
-    fourth = ring.take(25, torch.float32)  # the second slot, large enough as it is
-    assert fourth.data_ptr() == second.data_ptr() != third.data_ptr()
-    assert (third.dtype, third.numel(), fourth.numel()) == (torch.float32, 80, 25)
-    assert ring.take(10, torch.bfloat16).data_ptr() == third.data_ptr()
+    first, second = ring.take(100, np.int16), ring.take(50, np.float32)
+    assert first.ctypes.data != second.ctypes.data
+    third = ring.take(80, np.float32)  # the first slot again (320 bytes fit in its 200: grown)
+    fourth = ring.take(25, np.float32)  # the second slot, large enough as it is
+    assert fourth.ctypes.data == second.ctypes.data != third.ctypes.data
+    assert (third.dtype, third.size, fourth.size) == (np.float32, 80, 25)
+    assert ring.take(10, np.int16).ctypes.data == third.ctypes.data
 
 
 def test_merge_task_is_idempotent(parents, tmp_path):
@@ -282,27 +298,30 @@ def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_p
     assert "dead_expert_donor" not in report[layer.format(1, 1)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # in place / in place / chunks
 @pytest.mark.parametrize("method", ["darwin-v6", "dare-ties"])
 @pytest.mark.parametrize("densities", [(0.8, 0.6), (0.0, 1.0), (1.0, 0.0)])
-@pytest.mark.parametrize("blend", [1.0, 0.7])  # 1.0: bf16 straight through the kernel; 0.7: float32 chunks
-def test_fused_cpu_kernel_gives_the_torch_path_bytes(parents, method, densities, blend, monkeypatch):
+@pytest.mark.parametrize("blend", [1.0, 0.7])  # 1.0: straight through the kernel where the dtype allows; 0.7: chunks
+def test_fused_cpu_kernel_gives_the_torch_path_bytes(pico_checkpoint, dtype, method, densities, blend, monkeypatch):
     """CUDA runs the torch forms; CPU runs the C kernel: both must write the same bytes."""
 
     if engine._kernels is None:
         pytest.skip("the C kernel was not built (no compiler): only the torch path exists")
+    parents = {role: Checkpoint(pico_checkpoint("qwen3_5_text", perturb=perturb, dtype=dtype))
+               for role, perturb in (("base", None), ("father", 1), ("mother", 2))}
     genome = v6(density_a=densities[0], density_b=densities[1], merge_method_weight=blend)
     plan = plan_merge(parents["father"], parents["mother"], genome, method, base=parents["base"])
     name = "model.layers.2.mlp.gate_proj.weight"
-    a, b, c = (parents[role].read(name) for role in ("father", "mother", "base"))
+    a, b, c = (parents[role].read_array(name) for role in ("father", "mother", "base"))
     tp = next(t for t in plan.tensors if t.name == name)
     monkeypatch.setattr(masks, "CHUNK", 1000)  # several chunks, in parallel threads
     monkeypatch.setattr(engine, "DIRECT_CHUNK", 1000)
     fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     monkeypatch.setattr(engine, "_kernels", None)
     reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
-    assert torch.equal(fused.view(torch.int16), reference.view(torch.int16))
+    assert np.array_equal(fused, reference)
     if densities == (0.8, 0.6):  # both parents contribute: the comparison is not between two copies of the father
-        assert not torch.equal(fused, a) and not torch.equal(fused, b)
+        assert not np.array_equal(fused, a) and not np.array_equal(fused, b)
 
 
 def test_dare_ties_spans_father_task_arithmetic_and_mother(parents, tmp_path):

@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from darwin import mri
-from darwin.checkpoint import Checkpoint
+from darwin.checkpoint import Checkpoint, st_dtype
 from flows.cli import main
 
 
@@ -37,7 +38,15 @@ def test_stats_match_a_direct_computation(tensor):
 def test_bit_pattern_counts_of_the_kernel_equal_torch_bincount(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)[:, 1:]  # strided, odd
     want = torch.bincount(x.contiguous().view(torch.int16).reshape(-1).to(torch.int32) & 0xFFFF, minlength=1 << 16)
-    assert torch.equal(mri.bit_pattern_counts(x), want)
+    assert np.array_equal(mri.bit_pattern_counts(x), want.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_statistics_of_raw_bits_equal_the_tensors(dtype):
+    """The merge counts a parent's raw bits without torch; `darwin profile` counts the tensor: one result."""
+    x = (torch.randn(300, 70, generator=torch.Generator().manual_seed(5)) * 0.03).to(dtype)
+    raw = x.view({torch.bfloat16: torch.int16}.get(dtype, dtype)).numpy()
+    assert mri.array_stats(raw, st_dtype(dtype)) == mri.tensor_stats(x)
 
 
 def test_sixteen_bit_statistics_with_inf_or_nan_are_torchs():

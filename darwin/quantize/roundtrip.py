@@ -61,7 +61,7 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
     layout = LAYOUTS[scheme]
     source, quantized = Checkpoint(source_dir), Checkpoint(quantized_dir)
     modules = [name.removesuffix("." + layout.packed) for name, info in quantized.tensors.items()
-               if name.endswith("." + layout.packed) and info.dtype == torch.uint8
+               if name.endswith("." + layout.packed) and info.dtype == "U8"
                and f"{name.removesuffix('.' + layout.packed)}.{layout.global_scale}" in quantized.tensors]
     rows, consumed = [], set()
     err_sq = ref_sq = abs_sum = 0.0
