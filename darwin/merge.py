@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +39,9 @@ from darwin import masks, prescribe
 from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, check_compatible, to_torch, torch_dtype
 from darwin.errors import DarwinError
 from darwin.genome import Genome
-from darwin.mri import array_stats, tensor_stats
+from darwin.mri import PROFILE_HINT, array_stats, tensor_stats
 from darwin.prescribe import ParentSignals
+from darwin.report import read_columns
 from darwin.runtime import cpu_threads
 
 if TYPE_CHECKING:
@@ -381,10 +383,10 @@ def load_mri(path: str | Path | None) -> dict[str, dict]:
     """Per-tensor statistics of a parent from a `darwin profile` output, keyed by tensor name."""
     if path is None:
         return {}
-    from darwin.mri import read_profile
-
-    frame = read_profile(Path(path))
-    return {row.name: {"norm": row.norm, "std": row.std, "entropy": row.entropy} for row in frame.itertuples()}
+    stats = ("norm", "std", "entropy")
+    table = read_columns(path, "mri", PROFILE_HINT, ["name", *stats])
+    return {name: {key: math.nan if value is None else value for key, value in zip(stats, values)}
+            for name, *values in zip(table["name"], *(table[key] for key in stats))}
 
 
 def existing_merge(out: str | Path, genome: Genome, method: str) -> bool:

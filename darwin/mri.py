@@ -30,6 +30,7 @@ except ImportError:  # no C compiler at install time: bincount instead
     _kernels = None
 
 BINS = 256
+PROFILE_HINT = "run `darwin profile` first"
 COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
 SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, std, min(norm, 100)
 
@@ -153,7 +154,7 @@ def write_profile(frame: pd.DataFrame, out: Path) -> Path:
 
 
 def read_profile(path: Path) -> pd.DataFrame:
-    return read_table(path, "mri", "run `darwin profile` first")
+    return read_table(path, "mri", PROFILE_HINT)
 
 
 def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:

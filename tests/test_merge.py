@@ -214,6 +214,29 @@ def test_cpu_merge_of_bf16_parents_runs_without_torch(parents, tmp_path):
     assert all_bytes(tmp_path / "child") == all_bytes(in_process)
 
 
+def test_given_profiles_merge_like_statistics_on_the_fly(parents, tmp_path):
+    """`--mri-father/--mother` (read without pandas) and statistics counted during the merge: the same child."""
+    from darwin import mri
+
+    def merge(profiles, out):
+        plan = plan_merge(parents["father"], parents["mother"], Genome.from_dict(V5), "darwin-v5",
+                          mri_a=profiles.get("father"), mri_b=profiles.get("mother"))
+        return all_bytes(merge_to_dir(plan, tmp_path / out))
+
+    profiles = {}
+    for role in ("father", "mother"):
+        rows = [row for shard in parents[role].shards for row in mri.profile_shard(parents[role], shard)]
+        mri.write_profile(mri.to_frame(rows), tmp_path / role)
+        profiles[role] = engine.load_mri(tmp_path / role)
+    on_the_fly = merge({}, "fly")
+    assert merge(profiles, "given") == on_the_fly
+    profiles["mother"]["model.layers.1.mlp.up_proj.weight"]["std"] *= 2  # the merge reads what it is given
+    assert merge(profiles, "changed") != on_the_fly
+    rows[0]["entropy"] = float("nan")  # a broken tensor's statistic survives the parquet round trip
+    mri.write_profile(mri.to_frame(rows), tmp_path / "broken")
+    assert np.isnan(engine.load_mri(tmp_path / "broken")[rows[0]["name"]]["entropy"])
+
+
 def test_in_memory_merge_equals_the_written_child(parents, tmp_path):
     from transformers import AutoModelForCausalLM
 
