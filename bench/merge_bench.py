@@ -131,11 +131,12 @@ def contenders(work: Path, models: dict[str, Path], small: dict[str, Path] | Non
 
 
 def profile(model: Path, work: Path) -> Path:
-    """The static MRI of a parent (`darwin profile`'s core, without Prefect), kept under work. In a child process:
-    a parent that held the checkpoint's pages would lend its RSS to every child forked after it."""
+    """The static MRI of a parent (`darwin profile`'s core, without Prefect), made afresh by every run: a profile
+    kept from an older darwin held other statistics, so the "MRI given" merge wrote another child. In a child
+    process: a parent that held the checkpoint's pages would lend its RSS to every child forked after it."""
     out = work / "mri" / f"{model.parent.name}-{model.name}"
-    if not (out / "mri.parquet").exists():
-        subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(model), str(out)], cwd=ROOT, check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(model), str(out)], cwd=ROOT, check=True)
     return out
 
 

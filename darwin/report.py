@@ -70,4 +70,5 @@ def read_columns(path: str | Path, stem: str, hint: str, columns: list[str]) -> 
     needs only these values. Missing values (NaN written from pandas) come back as None."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(table_file(path, stem, hint), columns=columns).to_pydict()
+    # ParquetFile.read: read_table imports pandas to apply the pandas metadata that write_table stored
+    return pq.ParquetFile(table_file(path, stem, hint)).read(columns=columns, use_pandas_metadata=False).to_pydict()
