@@ -200,15 +200,25 @@ def test_child_loads_in_transformers_and_generates(parents, tmp_path):
     assert generated.shape == (1, 7)
 
 
-def test_cpu_merge_of_bf16_parents_runs_without_torch(parents, tmp_path):
-    """torch's import was most of `darwin merge`'s start-up: the CPU engine works on raw bits and never loads it."""
+@pytest.mark.parametrize("profiled", [False, True])
+def test_cpu_merge_of_bf16_parents_runs_without_torch_or_pandas(parents, tmp_path, profiled):
+    """torch's import was most of `darwin merge`'s start-up, pandas' most of the rest with profiles given: the CPU
+    engine works on raw bits and reads profiles through pyarrow, so neither loads."""
+    from darwin import mri
+
     genome = tmp_path / "genome.json"
     genome.write_text(json.dumps(V5))
     argv = ["merge", "--father", str(parents["father"].path), "--mother", str(parents["mother"].path), "--base",
             str(parents["base"].path), "--genome", str(genome), "--method", "dare-ties", "--out", str(tmp_path / "child")]
-    code = f"import sys; from flows.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    if profiled:
+        for role in ("father", "mother"):
+            rows = [row for shard in parents[role].shards for row in mri.profile_shard(parents[role], shard)]
+            mri.write_profile(mri.to_frame(rows), tmp_path / role)
+            argv += [f"--mri-{role}", str(tmp_path / role)]
+    code = (f"import sys; from flows.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules, 'pandas' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split()[-2:] == ["0", "False"]
+    assert done.stdout.split()[-3:] == ["0", "False", "False"]
     in_process = merge_to_dir(plan_merge(parents["father"], parents["mother"], Genome.from_dict(V5), "dare-ties",
                                          base=parents["base"]), tmp_path / "in-process")
     assert all_bytes(tmp_path / "child") == all_bytes(in_process)
