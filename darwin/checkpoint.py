@@ -376,9 +376,12 @@ class ShardStream:
     def write(self, name: str, data: np.ndarray | torch.Tensor) -> None:
         """`data`: a tensor, or raw bits as `Checkpoint.read_array` gives them."""
         expected_name, dtype, shape = self.specs[self._next]
-        got = data.dtype if isinstance(data, np.ndarray) else st_dtype(data.dtype)
-        raw = data if isinstance(data, np.ndarray) else to_raw(data)
-        if name != expected_name or raw.dtype != raw_dtype(dtype) or tuple(data.shape) != tuple(shape):
+        if isinstance(data, np.ndarray):  # raw bits say only their width: fp8 of either kind come as uint8
+            raw, got, same_dtype = data, data.dtype, data.dtype == raw_dtype(dtype)
+        else:
+            raw, got = to_raw(data), st_dtype(data.dtype)
+            same_dtype = got == dtype
+        if name != expected_name or not same_dtype or tuple(data.shape) != tuple(shape):
             raise ValueError(f"{self.path.name}: expected {expected_name} {dtype}{list(shape)}, "
                              f"got {name} {got}{list(data.shape)}")
         self._fh.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))

@@ -365,13 +365,13 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
 
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
     """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory)."""
+    import torch
+
     state = model.state_dict()
     missing = [tp.name for tp in plan.tensors if tp.name not in state]
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
     rows = {}
-    import torch
-
     with torch.no_grad():
         for name, raw, row in merged_tensors(plan, device=device):
             state[name].copy_(to_torch(raw, plan.father.tensors[name].dtype))

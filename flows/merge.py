@@ -4,8 +4,8 @@
                  [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
                  [--device cpu|cuda] --out OUT
 
-This command calls the engine directly (no Prefect import), so it starts as fast as torch does; the evolution
-flow runs the same engine through `tasks.merge.merge_child`.
+This command calls the engine directly: on CPU it imports neither Prefect nor torch nor pandas, so it starts in
+about 0.1 s; the evolution flow runs the same engine through `tasks.merge.merge_child`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -112,6 +113,21 @@ def test_writer_is_atomic_and_streams_shards(tmp_path, pico_checkpoint):
     assert Checkpoint(out).read("t4").tolist() == [4.0] * 8
     with pytest.raises(DarwinError, match="already exists"):
         CheckpointWriter(out)
+
+
+def test_shard_stream_refuses_what_its_header_did_not_announce(tmp_path):
+    writer = CheckpointWriter(tmp_path / "out")
+    stream = writer.shard("model.safetensors", [("a", "F8_E4M3", (4,)), ("b", "BF16", (2, 3))])
+    with pytest.raises(ValueError, match="expected a F8_E4M3"):
+        stream.write("a", torch.zeros(4).to(torch.float8_e5m2))  # same width, another dtype
+    stream.write("a", torch.zeros(4).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="expected b BF16"):
+        stream.write("b", np.zeros((2, 3), dtype=np.float16))  # raw bits of the same width, not bf16's
+    with pytest.raises(ValueError, match=r"expected b BF16\[2, 3\]"):
+        stream.write("b", np.zeros((3, 2), dtype=np.int16))
+    stream.write("b", np.zeros((2, 3), dtype=np.int16))
+    stream.close()
+    writer.abort()
 
 
 def test_compatibility_names_the_first_mismatches(pico_checkpoint):
