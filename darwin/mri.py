@@ -76,7 +76,7 @@ def array_stats(raw: np.ndarray, code: str) -> dict[str, float]:
         stats = _stats_from_pattern_counts(pattern_counts(raw), code)
         if stats is not None:
             return stats
-    return tensor_stats(to_torch(raw, code))
+    return _float32_stats(to_torch(raw, code))
 
 
 def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
@@ -85,6 +85,12 @@ def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
         stats = _stats_from_pattern_counts(bit_pattern_counts(tensor), code)
         if stats is not None:
             return stats
+    return _float32_stats(tensor)
+
+
+def _float32_stats(tensor: torch.Tensor) -> dict[str, float]:
+    """The statistics in float32 on the tensor's device: dtypes that are not counted, and 16-bit tensors holding inf
+    or nan (what torch gives for those)."""
     import torch
 
     x = tensor.detach().reshape(-1).float()

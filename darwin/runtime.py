@@ -33,7 +33,8 @@ def cpu_threads() -> int:
     torch = sys.modules.get("torch")
     if torch is not None:
         return torch.get_num_threads()
-    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    return int(os.environ.get("OMP_NUM_THREADS") or allowed or 1)
 
 
 # transformers 5.23's from_pretrained is not thread-safe: two threads loading at once can leave a tied lm_head on the
