@@ -5,7 +5,8 @@ Run: python bench/phase2_bench.py [--work .bench] [--hidden 128] [--layers 4] [-
 
 Parents: a random small Qwen3.5 text model (the demo's architecture and character tokenizer) as base, father and
 mother = base + two independent N(0, 0.01) noises, dare-ties with a v6 genome over 2 blocks (the demo's method).
-Fitness tasks: the demo's two dev tasks (lm-eval, arc_challenge's shape, local data), --limit questions each.
+Fitness tasks: the demo's two tasks on their dev questions (lm-eval, arc_challenge's shape, local data, validation
+split), --limit questions each.
 Two measurements, each with a fresh fitness cache so that every genome is really merged and evaluated:
 1. direct: `darwin.fitness.evaluate_genome` called in a loop over the genomes of --steps x --popsize (no Prefect);
    the rest is the call's own overhead (cache lookup, planning);
@@ -68,6 +69,7 @@ def run_config(parents: dict[str, Path], tasks: list[str], args) -> dict:
             "phase1": {"steps": 2, "popsize": 4},
             "phase2": {"steps": args.steps, "popsize": args.popsize, "tasks": tasks, "limit": args.limit,
                        "batch_size": args.batch_size, "device": "cpu"},
+            "heldout": {"split": None},  # Phase 2 is what is measured
             "runner": {"kind": "local", "workers": args.workers}}
 
 
@@ -77,10 +79,10 @@ def direct(parents: dict[str, Path], tasks: list[str], args, cache: Path) -> Non
     from darwin.evaluate import TaskSet
     from darwin.search import Search
 
-    task_set = TaskSet(tasks)
+    task_set = TaskSet(tasks, "validation")
     search = Search("v6", 2, args.popsize, seed=0)
     who = fitness.Parents(str(parents["father"]), str(parents["mother"]), "dare-ties", str(parents["base"]))
-    prints = fitness.fingerprints(who)
+    prints = fitness.run_inputs(who)
     print(f"\n1. direct evaluate_genome ({args.steps} x {args.popsize} genomes, {args.limit} questions per task)")
     print(f"{'step':>4s} {'wall s':>7s} {'merge':>6s} {'eval':>6s} {'other':>6s}   merge s  eval s")
     for step in range(args.steps):
@@ -169,7 +171,7 @@ def main() -> None:
 
     work = args.work.resolve()
     parents = build_parents(work / "phase2", args.hidden, args.layers)
-    tasks = [str(paths["dev_yaml"]) for paths in skills.write_skill_tasks(work / "phase2" / "tasks").values()]
+    tasks = [str(paths["yaml"]) for paths in skills.write_skill_tasks(work / "phase2" / "tasks").values()]
     params = sum(info.numel for info in Checkpoint(parents["father"]).tensors.values())
     print(f"parents {parents['father'].parent} ({params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} "
           f"layers); tasks "

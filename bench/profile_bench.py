@@ -139,10 +139,8 @@ def _child(kind: str, model: str, out: str) -> None:
         checkpoint = Checkpoint(model)
         rows = [row for shard in checkpoint.shards for row in mri.profile_shard(checkpoint, shard)]
     else:
-        from flows.cli import _quiet_environment
         from flows.profile import profile_flow
 
-        _quiet_environment()
         started = time.perf_counter()
         profile_flow(model, out)
         rows = None

@@ -306,15 +306,30 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
     def fingerprint(self) -> str:
-        """Identity of the weights for cache keys: names, shapes, dtypes and each shard's size and header."""
+        """Identity of the weights for cache keys: the sha256 of every shard's bytes and of config.json. A header or
+        first bytes alone let two mothers that differ in a later tensor share every fitness entry."""
         digest = hashlib.sha256()
-        for shard in self.shards:
-            path = self.path / shard
-            digest.update(shard.encode())
-            digest.update(str(path.stat().st_size).encode())
-            with open(path, "rb") as fh:
-                digest.update(fh.read(1 << 16))
+        for name in ("config.json", *self.shards):
+            if (self.path / name).is_file():
+                digest.update(f"{name}:{content_sha256(self.path / name)}\n".encode())
         return digest.hexdigest()[:16]
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per file and remembered (under CACHE_ROOT/sha256) by its resolved
+    path, size and modification time: a 9B parent's 18 GB are read once, not at every run."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo = CACHE_ROOT / "sha256" / hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    if memo.is_file():
+        return memo.read_text()
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{uuid.uuid4().hex[:6]}")
+    tmp.write_text(digest)
+    tmp.replace(memo)
+    return digest
 
 
 def check_compatible(father: Checkpoint, mother: Checkpoint, base: Checkpoint | None = None, limit: int = 5) -> None:

@@ -24,18 +24,29 @@ class Phase1(_Strict):
     proxy: Literal["heuristic", "measured"] = "heuristic"
 
 
+Split = Literal["train", "validation", "test"]
+
+
 class Phase2(_Strict):
     steps: int = Field(10, ge=0)
     popsize: int = Field(8, ge=2)
     tasks: list[str] = Field(default_factory=lambda: ["arc_challenge"], min_length=1)
+    split: Split = "validation"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
+    sigma0: float = Field(0.15, gt=0.0, le=0.5)
+
+
+class Heldout(_Strict):
+    split: Split | None = "test"  # None: no held-out report
+    limit: int | None = Field(None, ge=1)
 
 
 class Health(_Strict):
     interference: float = Field(1.5, gt=1.0)
     function_loss: float = Field(0.5, gt=0.0, lt=1.0)
+    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0 is SPEC's rule exactly
 
 
 class Release(_Strict):
@@ -59,6 +70,7 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0)
     phase1: Phase1 = Phase1()
     phase2: Phase2 = Phase2()
+    heldout: Heldout = Heldout()
     health: Health = Health()
     release: Release = Release()
     runner: Runner = Runner()
@@ -71,6 +83,9 @@ class RunConfig(_Strict):
             raise ValueError("method darwin-v6 needs genome: v6")
         if self.method == "dare-ties" and not self.base:
             raise ValueError("method dare-ties needs base: the shared base model")
+        if self.heldout.split == self.phase2.split:
+            raise ValueError(f"phase2.split and heldout.split are both {self.phase2.split!r}: the search would tune on "
+                             "the split it is judged on (set heldout.split to another split, or null for no report)")
         if self.release.dest and not self.release.scheme:
             raise ValueError("release.dest is set but release.scheme is not (mfp4 or nvfp4a16)")
         return self

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -39,6 +39,9 @@ class EvalResult:
     fitness: float  # mean of scores
     per_question: dict[str, list[bool]]  # leaf task -> correctness of each question, in document order
     seconds: float
+    # leaf task -> per question, the right choice's score minus the best wrong one's (log-likelihood, per character
+    # for acc_norm, as the metric compares them): positive where the question is answered right
+    margins: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _is_task_file(spec: str) -> bool:
@@ -53,10 +56,11 @@ class TaskSet:
     it, so each thread builds its own copy of the tasks (once); the index is shared.
     """
 
-    def __init__(self, tasks: Sequence[str | Path]):
+    def __init__(self, tasks: Sequence[str | Path], split: str | None = None):
         from lm_eval.tasks import TaskManager
 
         self.specs = tuple(str(t) for t in tasks)
+        self.split = split
         if not self.specs:
             raise DarwinError("no fitness tasks given")
         names = [s for s in self.specs if not _is_task_file(s)]
@@ -80,11 +84,13 @@ class TaskSet:
                     loaded = self._manager.load(list(self.specs))
                 except (OSError, ValueError, KeyError) as exc:
                     raise DarwinError(f"cannot load fitness tasks {list(self.specs)}: {exc}") from None
-            for task in loaded["tasks"].values():
+            for name, task in loaded["tasks"].items():
                 # as simple_evaluate does: zero-shot unless the task config asks for examples
                 if task.get_config("num_fewshot") is None:
                     task.set_config(key="num_fewshot", value=0)
                 task.set_fewshot_seed(seed=FEWSHOT_SEED)
+                if self.split:
+                    _evaluate_on(name, task, self.split)
             self._local.loaded = loaded
         return loaded
 
@@ -99,11 +105,19 @@ class TaskSet:
         self._local = threading.local()
 
 
+def _evaluate_on(name: str, task, split: str) -> None:
+    """Point lm-eval's evaluation documents (its test split, else validation) at the task's `split` split."""
+    source = task.get_config(SPLIT_KEYS[split])
+    if source is None or source not in (task.dataset or {}):
+        raise DarwinError(f"task {name} has no {split} split")
+    task.set_config(key="test_split", value=source)
+
+
 @functools.cache
-def prepared_tasks(specs: tuple[str, ...]) -> TaskSet:
-    """One TaskSet per task list and process: checking a run's tasks up front and running them then share it (a
-    task given by name costs lm-eval's index of its built-in tasks, seconds each time)."""
-    return TaskSet(specs)
+def prepared_tasks(specs: tuple[str, ...], split: str | None = None) -> TaskSet:
+    """One TaskSet per task list, split and process: checking a run's tasks up front and running them then share it
+    (a task given by name costs lm-eval's index of its built-in tasks, seconds each time)."""
+    return TaskSet(specs, split)
 
 
 def evaluate(
@@ -132,8 +146,8 @@ def evaluate(
         # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter reseeds the global RNGs and collects
         # environment info (pip list and git in subprocesses, ~0.3 s a call)
         results = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
-    scores, per_question = {}, {}
-    for name in loaded["tasks"]:
+    scores, per_question, margins = {}, {}, {}
+    for name, task in loaded["tasks"].items():
         metrics = results["results"][name]
         metric = next((m for m in METRICS if f"{m},none" in metrics), None)
         if metric is None:
@@ -141,8 +155,19 @@ def evaluate(
         scores[name] = float(metrics[f"{metric},none"])
         samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
         per_question[name] = [bool(s[metric]) for s in samples]
+        margins[name] = [_margin(task, sample, metric) for sample in samples]
     fitness = sum(scores.values()) / len(scores)
-    return EvalResult(scores, fitness, per_question, time.perf_counter() - start)
+    return EvalResult(scores, fitness, per_question, time.perf_counter() - start, margins)
+
+
+def _margin(task, sample: dict, metric: str) -> float:
+    """The right choice's log-likelihood minus the best wrong choice's, per character of the choice for acc_norm
+    (lm-eval's own normalisation): a continuous version of the question's correctness."""
+    lls = [float(response[0]) for response in sample["filtered_resps"]]
+    if metric == "acc_norm":
+        lls = [ll / max(1, len(choice)) for ll, choice in zip(lls, task.doc_to_choice(sample["doc"]), strict=True)]
+    gold = sample["target"]
+    return lls[gold] - max(ll for index, ll in enumerate(lls) if index != gold)
 
 
 @contextmanager
@@ -225,17 +250,18 @@ def task_identity(spec: str | Path) -> str | dict:
 
 
 def fitness_cache_key(
-    parents_fingerprints: Sequence[str] | Mapping[str, str],
+    inputs: Mapping[str, str | None],
     genome_hash: str,
     tasks: Sequence[str | Path] | TaskSet,
     limit: int | None,
 ) -> str:
-    """sha256 of canonical JSON over what determines a fitness: parents (in order), genome, tasks, limit.
+    """sha256 of canonical JSON over what determines a fitness: the run's fixed inputs (parents' content, method,
+    probe and routing tables, prescription rules: `darwin.fitness.run_inputs`), genome, tasks with their split,
+    limit.
 
     Task order does not change the fitness (a mean), so tasks are sorted.
     """
-    specs = tasks.specs if isinstance(tasks, TaskSet) else tasks
+    specs, split = (tasks.specs, tasks.split) if isinstance(tasks, TaskSet) else (tasks, None)
     identities = sorted(json.dumps(task_identity(t), sort_keys=True, default=str) for t in specs)
-    parents = dict(parents_fingerprints) if isinstance(parents_fingerprints, Mapping) else list(parents_fingerprints)
-    payload = {"parents": parents, "genome": genome_hash, "tasks": identities, "limit": limit}
+    payload = {"inputs": dict(inputs), "genome": genome_hash, "tasks": identities, "split": split, "limit": limit}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -6,7 +6,7 @@ RUN/
   state/phase{1,2}.pkl the CMA-ES search and history after the last finished generation (resume point)
   history.parquet      one row per evaluated genome;  evolution.png  best and mean fitness per generation
   best/                the best child (merged to disk once) with merge_report.json
-  health/ quantized/   Phase 3 and release outputs;  summary.json  the result
+  health/ quantized/   Phase 3 and release outputs;  summary.json  the result, with the held-out report
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from darwin.evaluate import EvalResult
 from darwin.genome import gene_names
 from darwin.report import png, write_atomic, write_parquet
 from darwin.search import Search
+from darwin.stats import mcnemar
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
+WORST_MARGIN = -1e3  # the same on Phase 1's measured proxy, a margin in log-likelihood per character
+DISTINCT_SPACING = 0.05  # how far apart (on some gene) the Phase 1 genomes handed to Phase 2 are
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,23 @@ def history_row(phase: int, generation: int, record: dict, proxies: dict[str, fl
     return row
 
 
+def heldout_report(results: dict[str, EvalResult], split: str) -> dict:
+    """summary.json's `heldout` section (SPEC "Search and scoring"): father's, mother's and child's scores per
+    task and fitness on `split`, and the child's exact McNemar p-value against each parent over every question of
+    every task."""
+    def flat(result: EvalResult) -> list[bool]:
+        return [answer for task in sorted(result.per_question) for answer in result.per_question[task]]
+
+    child = flat(results["child"])
+    return {
+        "split": split,
+        "questions": len(child),
+        "scores": {role: dict(result.scores) for role, result in results.items()},
+        "fitness": {role: result.fitness for role, result in results.items()},
+        "p_values": {parent: mcnemar(child, flat(results[parent])) for parent in ("father", "mother")},
+    }
+
+
 def write_history(rows: list[dict], path: Path) -> None:
     write_parquet(pd.DataFrame(rows), path)
 
@@ -83,6 +104,21 @@ def best_row(rows: list[dict], phase: int | None = None) -> dict:
 
 def genes_of(row: dict, version: str, blocks: int) -> dict[str, float]:
     return {name: row[name] for name in gene_names(version, blocks)}
+
+
+def distinct_best(rows: list[dict], phase: int, version: str, blocks: int, count: int,
+                  spacing: float = DISTINCT_SPACING) -> list[list[float]]:
+    """The gene vectors of a phase's fittest genomes, fittest first, each at least `spacing` away from every one
+    before it on some gene: a converged phase's best rows are one genome to three decimals."""
+    ranked = sorted((r for r in rows if r["phase"] == phase and not r["failed"]), key=lambda r: -r["fitness"])
+    chosen: list[list[float]] = []
+    for row in ranked:
+        vector = list(genes_of(row, version, blocks).values())
+        if all(max(abs(x - y) for x, y in zip(vector, other)) >= spacing for other in chosen):
+            chosen.append(vector)
+            if len(chosen) == count:
+                break
+    return chosen
 
 
 def top_genomes(rows: list[dict], version: str, blocks: int, count: int = 5) -> list[dict]:

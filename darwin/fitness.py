@@ -2,8 +2,8 @@
 
 Each worker (a thread of the local task runner, or a Ray worker process) loads the father once as the skeleton,
 then overwrites its parameters tensor by tensor for every candidate: no checkpoint is written and nothing is
-allocated twice. Results are cached on disk by (parents' fingerprints, genome_hash, tasks, limit), so a genome
-is never evaluated twice, across runs and across resumed runs too.
+allocated twice. Results are cached on disk by everything that changes a score (`run_inputs`, genome_hash, tasks,
+limit), so a genome is never evaluated twice, across runs and across resumed runs too.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from darwin.checkpoint import Checkpoint, torch_dtype
-from darwin.evaluate import TaskSet, evaluate, fitness_cache_key
+from darwin.checkpoint import Checkpoint, content_sha256, torch_dtype
+from darwin.evaluate import EvalResult, TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
-from darwin.prescribe import load_signals
+from darwin.prescribe import RULES_VERSION, load_signals
 from darwin.runtime import CACHE_ROOT, load_pretrained
 
-# Phase 1's measured proxy: the same tasks on their first questions only.
+# Phase 1's measured proxy: the same tasks on their first questions only, scored by the mean margin of the right
+# answer (continuous) rather than accuracy on so few questions.
 MEASURED_LIMIT = 16
 DEFAULT_CACHE = CACHE_ROOT / "fitness"
 
@@ -83,34 +84,54 @@ def worker_device(requested: str) -> str:
     return _worker.device
 
 
+def _load(checkpoint: Checkpoint, device: str):
+    """(model in the checkpoint's dtype on `device`, tokenizer), as transformers loads that checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch_dtype(next(iter(checkpoint.tensors.values())).dtype)
+    model = load_pretrained(AutoModelForCausalLM, checkpoint.path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint.path)
+
+
 def _prepare(parents: Parents, device: str):
     if _worker.key != parents or getattr(_worker, "model_device", None) != device:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         father = Checkpoint(parents.father)
         _worker.checkpoints = (father, Checkpoint(parents.mother),
                                Checkpoint(parents.base) if parents.base else None)
         _worker.mri = (load_mri(parents.mri_father), load_mri(parents.mri_mother))
         _worker.signals = (load_signals(parents.probes_father), load_signals(parents.probes_mother))
-        dtype = torch_dtype(next(iter(father.tensors.values())).dtype)
-        _worker.model = load_pretrained(AutoModelForCausalLM, father.path, dtype=dtype).to(device).eval()
-        _worker.tokenizer = AutoTokenizer.from_pretrained(father.path)
+        _worker.model, _worker.tokenizer = _load(father, device)
         _worker.key, _worker.model_device = parents, device
     return _worker
 
 
-def fingerprints(parents: Parents) -> dict[str, str]:
+def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size: int = 8,
+                device: str = "auto") -> EvalResult:
+    """A checkpoint on disk scored on `tasks` (the held-out report scores father, mother and child so)."""
+    model, tokenizer = _load(Checkpoint(path), worker_device(device))
+    with torch.no_grad():
+        return evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
+
+
+def run_inputs(parents: Parents) -> dict[str, str | None]:
+    """What a run's every fitness depends on besides genome and tasks: the parents' content, the method, the probe
+    and routing tables the prescription reads, and the version of the prescription rules."""
     paths = {"father": parents.father, "mother": parents.mother, "base": parents.base}
-    return {role: Checkpoint(path).fingerprint() for role, path in paths.items() if path}
+    inputs = {role: Checkpoint(path).fingerprint() for role, path in paths.items() if path}
+    for role, directory in (("father", parents.probes_father), ("mother", parents.probes_mother)):
+        for table in ("probes", "routing"):
+            path = Path(directory, f"{table}.parquet") if directory else None
+            inputs[f"{table}_{role}"] = content_sha256(path) if path and path.is_file() else None
+    return {**inputs, "method": parents.method, "rules": str(RULES_VERSION)}
 
 
 def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | None = None, batch_size: int = 8,
                     device: str = "auto", cache: FitnessCache | None = None,
-                    parent_fingerprints: dict[str, str] | None = None) -> dict:
+                    inputs: dict[str, str | None] | None = None) -> dict:
     """The fitness record of one genome: fitness, per-task scores, per-question correctness, timings."""
     genome = Genome.from_dict(genes)
     cache = cache or FitnessCache()
-    key = fitness_cache_key(parent_fingerprints or fingerprints(parents), genome.hash, tasks, limit)
+    key = fitness_cache_key(inputs or run_inputs(parents), genome.hash, tasks, limit)
     hit = cache.get(key)
     if hit is not None:
         return {**hit, "cached": True}
@@ -126,7 +147,7 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
         result = evaluate(worker.model, worker.tokenizer, tasks, limit=limit, batch_size=batch_size)
     record = {
         "genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": result.fitness, "scores": result.scores,
-        "per_question": result.per_question, "merge_seconds": round(merged - started, 3),
+        "per_question": result.per_question, "margins": result.margins, "merge_seconds": round(merged - started, 3),
         "eval_seconds": round(result.seconds, 3), "seconds": round(time.perf_counter() - started, 3),
         "worker": f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}:{device}",
     }
@@ -135,6 +156,7 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
 
 
 def prefix_score(record: dict, questions: int = MEASURED_LIMIT) -> float:
-    """The measured proxy read off a full evaluation: mean accuracy over each task's first questions."""
-    per_task = [sum(q[:questions]) / max(1, len(q[:questions])) for q in record["per_question"].values()]
+    """The measured proxy of an evaluation: over tasks, the mean margin of the right answer on each task's first
+    `questions` questions (a Phase 2 record holds them all, so its proxy costs nothing)."""
+    per_task = [sum(m[:questions]) / max(1, len(m[:questions])) for m in record["margins"].values()]
     return sum(per_task) / len(per_task)

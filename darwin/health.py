@@ -5,11 +5,11 @@ A layer is flagged for
 - interference when child > interference * max(father, mother) (the child leans on it much more than either
   parent: the merge created a function neither parent had, usually weight conflict), and
 - function loss when child < function_loss * min(father, mother) (the child lost what both parents use).
-Near-zero importances are mostly noise (a layer whose skipping barely moves the output in any model), and their
-ratios are meaningless, so every value is first raised to a noise floor: `floor = max(1e-3, noise * peak)`,
-where `peak` is the largest importance of any layer in any of the three models and `noise` is 0.05 by default.
-A layer all three models barely use is therefore never flagged: function loss needs both parents above
-floor / function_loss (2x the floor by default), interference needs the child above interference x floor.
+By default (`noise` 0) that is SPEC's rule exactly. Near-zero importances are partly noise (a layer whose skipping
+barely moves the output in any model), so a positive `noise` opts in to a floor: every value is first raised to
+`floor = max(1e-3, noise * peak)`, where `peak` is the largest importance of any layer in any of the three models.
+A layer all three models barely use is then never flagged: function loss needs both parents above
+floor / function_loss, interference needs the child above interference x floor.
 The verdict is `fail` when any layer is flagged.
 """
 
@@ -33,14 +33,14 @@ def layer_curve(frame: pd.DataFrame) -> pd.Series:
     return frame.groupby("layer")["importance"].mean().sort_index()
 
 
-def check_thresholds(interference: float, function_loss: float, noise: float = 0.05) -> None:
+def check_thresholds(interference: float, function_loss: float, noise: float = 0.0) -> None:
     if interference <= 1 or not 0 < function_loss < 1 or not 0 <= noise < 1:
         raise DarwinError(f"health thresholds out of range: interference {interference} must be > 1, "
                           f"function_loss {function_loss} in (0, 1), noise {noise} in [0, 1)")
 
 
 def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.DataFrame,
-                 interference: float = 1.5, function_loss: float = 0.5, noise: float = 0.05) -> dict:
+                 interference: float = 1.5, function_loss: float = 0.5, noise: float = 0.0) -> dict:
     """{verdict, thresholds, layers: [{layer, child, father, mother, interference, function_loss}],
     interference: [layer...], function_loss: [layer...]} (JSON-ready)."""
     check_thresholds(interference, function_loss, noise)
@@ -48,7 +48,7 @@ def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.
     if curves.isna().any().any():
         missing = {role: sorted(curves.index[curves[role].isna()]) for role in ROLES if curves[role].isna().any()}
         raise DarwinError(f"the three models do not have the same layers (missing: {missing})")
-    floor = max(ABSOLUTE_FLOOR, noise * float(curves.to_numpy().max()))
+    floor = max(ABSOLUTE_FLOOR, noise * float(curves.to_numpy().max())) if noise > 0 else 0.0
     raised = curves.clip(lower=floor)
     parents = raised[["father", "mother"]]
     curves["interference"] = raised["child"] > interference * parents.max(axis=1)
@@ -58,8 +58,9 @@ def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.
         "verdict": "fail" if flagged["interference"] or flagged["function_loss"] else "pass",
         "thresholds": {"interference": interference, "function_loss": function_loss, "noise": noise,
                        "noise_floor": floor},
-        "rule": (f"importance = probe cosine distance averaged over probes, raised to the noise floor "
-                 f"max({ABSOLUTE_FLOOR}, {noise} * peak) = {floor:.6g}; interference: child > {interference} x "
+        "rule": ("importance = probe cosine distance averaged over probes"
+                 + (f", raised to the noise floor max({ABSOLUTE_FLOOR}, {noise} * peak) = {floor:.6g}" if floor else "")
+                 + f"; interference: child > {interference} x "
                  f"max(father, mother); function loss: child < {function_loss} x min(father, mother)"),
         "layers": [{"layer": int(layer), **{role: float(row[role]) for role in ROLES},
                     "interference": bool(row["interference"]), "function_loss": bool(row["function_loss"])}

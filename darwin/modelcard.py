@@ -8,8 +8,9 @@
     method        str    darwin-v5 | darwin-v6 | dare-ties
     architecture  str    e.g. Qwen3_5ForConditionalGeneration
     genome        {gene: value}          genome_hash  str
-    scores        {"father" | "mother" | "child": {task: value}}
-    fitness       {"father" | "mother" | "child": value}      p_values  {"father" | "mother": p}
+    heldout       summary.json's held-out report: {"split": str, "questions": n,
+                  "scores": {"father" | "mother" | "child": {task: value}},
+                  "fitness": {"father" | "mother" | "child": value}, "p_values": {"father" | "mother": p}}
     evolution     {"genomes": n, "phase1": n, "phase2": n, "best_fitness": x}
     health        {"verdict": str}
     child_path    str    where the BF16 child sits in the release ("best" in a run, "." for a model)
@@ -123,12 +124,14 @@ def _genome(info: dict) -> str:
 
 
 def _scores(info: dict) -> str:
-    scores, fitness, p_values = info.get("scores") or {}, info.get("fitness") or {}, info.get("p_values") or {}
+    heldout = info["heldout"]
+    scores, fitness, p_values = heldout.get("scores") or {}, heldout.get("fitness") or {}, heldout.get("p_values") or {}
     tasks = list(dict.fromkeys(task for role in ROLES for task in (scores.get(role) or {})))
     rows = [[task, *[(scores.get(role) or {}).get(task) for role in ROLES]] for task in tasks]
     if fitness:
         rows.append(["**fitness**", *[fitness.get(role) for role in ROLES]])
-    out = "## Scores\n\n" + _table(["task", *ROLES], rows)
+    out = (f"## Held-out scores\n\nOn the `{heldout.get('split')}` split ({heldout.get('questions')} questions), which "
+           "the search never scored (it tuned on another split).\n\n" + _table(["task", *ROLES], rows))
     if p_values:
         out += "\n\nPaired McNemar test of the child against each parent: " + ", ".join(
             f"p = {_number(p)} vs {role}" for role, p in p_values.items()) + "."
@@ -185,7 +188,7 @@ def model_card(run_info: dict) -> str:
     sections = [_front_matter(info), intro, _lineage(info), _method(info)]
     if info.get("genome"):
         sections.append(_genome(info))
-    if info.get("scores") or info.get("fitness"):
+    if info.get("heldout"):
         sections.append(_scores(info))
     if info.get("quantization"):
         sections.append(_quantization(info))
@@ -254,7 +257,7 @@ def run_info_from_dir(path: str | Path, release: str | Path | None = None) -> di
         "architecture": architectures[0],
         "genome": summary.get("genome") or merge.get("genome"),
         "genome_hash": summary.get("genome_hash") or merge.get("genome_hash"),
-        "scores": summary.get("scores"), "fitness": summary.get("fitness"), "p_values": summary.get("p_values"),
+        "heldout": summary.get("heldout"),
         "child_path": _inside(child, release),
         "quantization": [_roundtrip(_load_json(p), _inside(p.parent, release))
                          for p in sorted(root.rglob("roundtrip.json")) if _inside(p.parent, release) is not None],

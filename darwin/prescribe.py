@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from darwin.mri import static_score
 
 THRESHOLDS = {"v5": (0.05, 0.95), "v6": (0.15, 0.85)}
+# Part of every fitness cache key: bump when a change to the prescription, the static scores or a merge form
+# changes what a genome merges to.
+RULES_VERSION = 1
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -78,7 +81,8 @@ def dead_expert_donor(name: str, block: int | None, signals_a: ParentSignals,
 
 
 def load_signals(probe_dir: str | None) -> ParentSignals:
-    """A parent's probe scores per layer and dead experts from a `darwin probe` output directory."""
+    """A parent's probe scores per layer and dead experts from a `darwin probe` output directory (either may be
+    missing: routing alone for a v5 genome on experts, probes alone for a dense model)."""
     if probe_dir is None:
         return ParentSignals()
     from pathlib import Path
@@ -89,10 +93,10 @@ def load_signals(probe_dir: str | None) -> ParentSignals:
     from darwin.errors import DarwinError
 
     directory = Path(probe_dir)
-    if not (directory / "probes.parquet").exists():
-        raise DarwinError(f"no probes.parquet in {directory} (run `darwin probe` first)")
-    routing = directory / "routing.parquet"
+    importance, routing = directory / "probes.parquet", directory / "routing.parquet"
+    if not importance.exists() and not routing.exists():
+        raise DarwinError(f"neither probes.parquet nor routing.parquet in {directory} (run `darwin probe` first)")
     return ParentSignals(
-        probe=probes.probe_scores(pd.read_parquet(directory / "probes.parquet")),
+        probe=probes.probe_scores(pd.read_parquet(importance)) if importance.exists() else None,
         dead_experts=moe.dead_expert_map(pd.read_parquet(routing)) if routing.exists() else None,
     )

@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+# How Prefect's temporary server says it did not start in time (prefect/server/api/server.py)
+PREFECT_START_FAILED = "Timed out while attempting to connect to ephemeral Prefect API server"
 COMMANDS = {
     "profile": ("flows.profile", "Phase 0: per-tensor MRI of a model (norm, std, entropy), fanned out per shard"),
     "merge": ("flows.merge", "merge two parents with a genome (darwin-v5, darwin-v6, dare-ties)"),
@@ -23,12 +25,6 @@ COMMANDS = {
     "publish": ("flows.publish", "upload a run or model with model card and manifest to s3:// or a path"),
     "demo": ("flows.demo", "build demo parents and run the whole pipeline offline; the child beats both"),
 }
-
-
-def _quiet_environment() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _import_frozen(module_name: str):
@@ -59,13 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"darwin {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
-    _quiet_environment()
     from darwin.errors import DarwinError
 
     try:
         return int(module.command(args) or 0)
     except DarwinError as exc:
         print(f"darwin {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not str(exc).startswith(PREFECT_START_FAILED):
+            raise
+        print(f"darwin {name}: error: Prefect's temporary API server did not answer within "
+              f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; raise "
+              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` and export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"darwin {name}: interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""The whole run: Phase 0 MRI, Phase 1 CMA-ES on a proxy, Phase 2 CMA-ES on real merges scored by lm-eval, the best
-child merged to disk, Phase 3 health check, and the release.
+"""The whole run: Phase 0 MRI, Phase 1 CMA-ES on a proxy, Phase 2 CMA-ES on real merges scored by lm-eval on
+`phase2.split`, the best child merged to disk, Phase 3 health check, the held-out report (father, mother and child
+on `heldout.split`, McNemar p-values), and the release.
 
     darwin evolve CONFIG.yaml [--out RUN] [--resume] [--set phase2.steps=3 ...] [--force-release]
 
@@ -35,7 +36,7 @@ from flows.profile import profile_flow
 from flows.publish import publish_flow
 from flows.release import release_flow
 from tasks.evolve import default_workers, evaluate_candidate, record_generation, report_evolution, \
-    run_heuristic_phase, start_progress
+    run_heuristic_phase, score_heldout, start_progress
 from tasks.merge import merge_child
 from tasks.probe import probe_model, routing_stats
 
@@ -67,7 +68,7 @@ def _gather(futures, genomes: list[Genome]) -> list[dict]:
 
 
 def run_generations(phase: int, state: evolution.PhaseState, steps: int, config: RunConfig, run_dir: str,
-                    parents: fitness.Parents, tasks: TaskSet, limit: int | None, parent_fingerprints: dict,
+                    parents: fitness.Parents, tasks: TaskSet, limit: int | None, inputs: dict,
                     prescription: dict, cache_dir: str | None) -> evolution.PhaseState:
     progress = start_progress(phase, steps, state.search.generation)
     while state.search.generation < steps:
@@ -77,13 +78,16 @@ def run_generations(phase: int, state: evolution.PhaseState, steps: int, config:
             futures = evaluate_candidate.map(
                 [dict(g.genes) for g in genomes], unmapped(parents), unmapped(tasks), unmapped(limit),
                 unmapped(config.phase2.batch_size), unmapped(config.phase2.device), unmapped(cache_dir),
-                unmapped(parent_fingerprints))
+                unmapped(inputs))
         records = _gather(futures, genomes)
-        state.rows += [evolution.history_row(phase, generation, record, {
-            "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), prescription),
-            "proxy_measured": fitness.prefix_score(record) if not record.get("failed") else None,
-        }) for record in records]
-        state.search.tell([record["fitness"] for record in records])
+        for record in records:
+            measured = fitness.prefix_score(record) if not record.get("failed") else None
+            if phase == 1:  # the measured proxy is Phase 1's fitness
+                record = {**record, "fitness": measured if measured is not None else evolution.WORST_MARGIN}
+            state.rows.append(evolution.history_row(phase, generation, record, {
+                "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), prescription),
+                "proxy_measured": measured}))
+        state.search.tell([row["fitness"] for row in state.rows[-len(records):]])
         record_generation(state, phase, generation, steps, run_dir, progress)
     return state
 
@@ -106,22 +110,25 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     base = Checkpoint(cfg.base) if cfg.base else None
     device = cfg.phase2.device
 
-    # Phase 0: static MRI of both parents (per-shard fan-out); probes and routing when the method uses them
+    # Phase 0: static MRI of both parents (per-shard fan-out); probes for a v6 genome (its prescription weighs them,
+    # whatever the method), MoE routing whenever a parent has experts (dead-expert transplant)
     mri_father = profile_flow(str(father.path), str(layout.path("mri", "father")), device, "father")
     mri_mother = profile_flow(str(mother.path), str(layout.path("mri", "mother")), device, "mother")
-    probes = {"father": None, "mother": None}
-    if cfg.method == "darwin-v6":
-        for role, checkpoint in (("father", father), ("mother", mother)):
-            out = str(layout.path("probes", role))
+    probes, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
+    for role, checkpoint in (("father", father), ("mother", mother)):
+        out = str(layout.path("probes", role))
+        if cfg.genome == "v6":
             probe_model(str(checkpoint.path), out, device=device, label=role)
-            routing_stats(str(checkpoint.path), out, device=device, label=role)
+            probed[role] = out
+        if routing_stats(str(checkpoint.path), out, device=device, label=role) or probed[role]:
             probes[role] = out
     parents = fitness.Parents(str(father.path), str(mother.path), cfg.method, str(base.path) if base else None,
                               mri_father, mri_mother, probes["father"], probes["mother"])
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)
-    parent_fingerprints = fitness.fingerprints(parents)
-    tasks = prepared_tasks(tuple(cfg.phase2.tasks))
+    inputs = fitness.run_inputs(parents)
+    tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split)
+    heldout_tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split) if cfg.heldout.split else None
     seconds["phase0"] = time.perf_counter() - started
 
     # Phase 1: CMA-ES on a proxy
@@ -133,15 +140,16 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     else:
         limit = min(fitness.MEASURED_LIMIT, cfg.phase2.limit or fitness.MEASURED_LIMIT)
         phase1 = run_generations(1, phase1, cfg.phase1.steps, cfg, run_dir, parents, tasks, limit,
-                                 parent_fingerprints, prescription, cache_dir)
+                                 inputs, prescription, cache_dir)
     seconds["phase1"] = time.perf_counter() - mark
 
-    # Phase 2: CMA-ES continues from Phase 1's mean and step size, on real merges and lm-eval
+    # Phase 2: CMA-ES from Phase 1's best genome, its best distinct genomes evaluated first, on real merges and lm-eval
     mark = time.perf_counter()
     phase2 = evolution.PhaseState.load(layout.state(2)) or evolution.PhaseState(
-        2, phase1.search.follow_on(cfg.phase2.popsize), list(phase1.rows))
+        2, phase1.search.follow_on(cfg.phase2.popsize, cfg.phase2.sigma0, evolution.distinct_best(
+            phase1.rows, 1, cfg.genome, cfg.blocks, cfg.phase2.popsize // 2)), list(phase1.rows))
     phase2 = run_generations(2, phase2, cfg.phase2.steps, cfg, run_dir, parents, tasks, cfg.phase2.limit,
-                             parent_fingerprints, prescription, cache_dir)
+                             inputs, prescription, cache_dir)
     rows = phase2.rows
     seconds["phase2"] = time.perf_counter() - mark
     spearman = proxy_rankings(rows)
@@ -158,8 +166,19 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     mark = time.perf_counter()
     health = health_flow(best_dir, parents.father, parents.mother, str(layout.path("health")),
                          cfg.health.interference, cfg.health.function_loss, device=device,
-                         father_probes=probes["father"], mother_probes=probes["mother"])
+                         father_probes=probed["father"], mother_probes=probed["mother"], noise=cfg.health.noise)
     seconds["health"] = time.perf_counter() - mark
+
+    # The held-out report: father, mother and child on the split the search never scored
+    heldout = None
+    if heldout_tasks is not None:
+        mark = time.perf_counter()
+        models = {"father": parents.father, "mother": parents.mother, "child": best_dir}
+        futures = score_heldout.map(list(models), list(models.values()), unmapped(heldout_tasks),
+                                    unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size), unmapped(device))
+        heldout = evolution.heldout_report({role: future.result() for role, future in zip(models, futures)},
+                                           cfg.heldout.split)
+        seconds["heldout"] = time.perf_counter() - mark
 
     # Release: quantize and publish, unless the health check failed (and nobody forced it)
     release = {}
@@ -173,7 +192,7 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     summary = {
         "best": {"genome": genes, "genome_hash": best["genome_hash"], "fitness": best["fitness"],
                  "scores": {k.removeprefix("score:"): v for k, v in best.items() if k.startswith("score:")}},
-        "top_genomes": top, "proxy_spearman": spearman, "health": health["verdict"],
+        "top_genomes": top, "proxy_spearman": spearman, "heldout": heldout, "health": health["verdict"],
         "evaluations": {"phase1": sum(r["phase"] == 1 for r in rows), "phase2": sum(r["phase"] == 2 for r in rows),
                         "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
         "best_dir": best_dir, "release": release, "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -248,7 +267,9 @@ def command(args: argparse.Namespace) -> int:
     for model in (config.father, config.mother, config.base):
         if model:
             Checkpoint(model)  # bad parents fail here, before Prefect starts
-    prepared_tasks(tuple(config.phase2.tasks))
+    prepared_tasks(tuple(config.phase2.tasks), config.phase2.split)  # a task without a split fails here
+    if config.heldout.split:
+        prepared_tasks(tuple(config.phase2.tasks), config.heldout.split)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release)
     best = summary["best"]

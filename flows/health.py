@@ -1,6 +1,7 @@
 """Phase 3 flow, health check: the child's probe importance against both parents', layer by layer.
 
-    darwin health CHILD --father A --mother B --out DIR [--interference 1.5] [--function-loss 0.5] [--probes DIR]
+    darwin health CHILD --father A --mother B --out DIR [--interference 1.5] [--function-loss 0.5] [--noise 0]
+                  [--probes DIR]
 
 Probes the three models (DIR/child, DIR/father, DIR/mother hold their probes.parquet; a parent already probed
 with `darwin probe` can be given as that output directory with --father-probes / --mother-probes), then writes
@@ -27,13 +28,13 @@ FAIL_EXIT = 3
 def health_flow(child: str, father: str, mother: str, out: str, interference: float = 1.5,
                 function_loss: float = 0.5, probes_dir: str | None = None, device: str = "auto",
                 father_probes: str | None = None, mother_probes: str | None = None,
-                trust_remote_code: bool = False) -> dict:
+                trust_remote_code: bool = False, noise: float = 0.0) -> dict:
     child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child", trust_remote_code)
     father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device, "father",
                                                  trust_remote_code)
     mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device, "mother",
                                                  trust_remote_code)
-    return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss)
+    return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss, noise)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for health.json and health.png")
     parser.add_argument("--interference", type=float, default=1.5, help="flag child > X * max(parents)")
     parser.add_argument("--function-loss", type=float, default=0.5, help="flag child < X * min(parents)")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="raise importances to max(1e-3, X * peak) first (default 0: no floor)")
     parser.add_argument("--probes", help="directory of NAME.txt probe sets (replaces the shipped sets)")
     parser.add_argument("--father-probes", help="`darwin probe` output of the father, reused instead of probing")
     parser.add_argument("--mother-probes", help="`darwin probe` output of the mother, reused instead of probing")
@@ -57,11 +60,12 @@ def command(args: argparse.Namespace) -> int:
     for given in (args.father_probes, args.mother_probes):
         if given:
             read_importance(given)
-    check_thresholds(args.interference, args.function_loss)
+    check_thresholds(args.interference, args.function_loss, args.noise)
     load_probes(args.probes)
     pick_device(args.device)
     report = health_flow(args.child, args.father, args.mother, args.out, args.interference, args.function_loss,
-                         args.probes, args.device, args.father_probes, args.mother_probes, args.trust_remote_code)
+                         args.probes, args.device, args.father_probes, args.mother_probes, args.trust_remote_code,
+                         args.noise)
     flagged = {flag: report[flag] for flag in ("interference", "function_loss") if report[flag]}
     print(f"health {report['verdict']}: {flagged or 'no layer flagged'} ({Path(args.out) / 'health.json'})")
     return 0 if report["verdict"] == "pass" else FAIL_EXIT

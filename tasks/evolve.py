@@ -1,4 +1,5 @@
-"""Prefect tasks of the evolution: one task per genome (merge in memory + lm-eval), one per finished generation."""
+"""Prefect tasks of the evolution: one task per genome (merge in memory + lm-eval), one per finished generation, one
+per model of the held-out report."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from darwin import evolution, fitness
-from darwin.evaluate import TaskSet
+from darwin.evaluate import EvalResult, TaskSet
 from darwin.genome import Genome
 from darwin.report import write_atomic
 from darwin.search import heuristic_fitness
@@ -27,9 +28,16 @@ def _candidate_name() -> str:
 @task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_candidate_name, tags=["gpu"], cache_policy=NO_CACHE)
 def evaluate_candidate(genes: dict, parents: fitness.Parents, tasks: TaskSet, limit: int | None, batch_size: int,
-                       device: str, cache_dir: str | None, parent_fingerprints: dict[str, str]) -> dict:
+                       device: str, cache_dir: str | None, inputs: dict[str, str | None]) -> dict:
     return fitness.evaluate_genome(parents, genes, tasks, limit, batch_size, device,
-                                   fitness.FitnessCache(cache_dir), parent_fingerprints)
+                                   fitness.FitnessCache(cache_dir), inputs)
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
+      task_run_name="score-heldout-{role}", tags=["gpu"], cache_policy=NO_CACHE)
+def score_heldout(role: str, model: str, tasks: TaskSet, limit: int | None, batch_size: int,
+                  device: str) -> EvalResult:
+    return fitness.score_model(model, tasks, limit, batch_size, device)
 
 
 @task(task_run_name="phase1-heuristic", cache_policy=NO_CACHE)

@@ -46,9 +46,9 @@ def routing_stats(model: str, out: str, calibration: str | None = None, probes_d
 
 @task(task_run_name="health-check")
 def health_check(child: str, father: str, mother: str, out: str, interference: float = 1.5,
-                 function_loss: float = 0.5) -> dict:
+                 function_loss: float = 0.5, noise: float = 0.0) -> dict:
     report = health.health_check(*(probes.read_importance(path) for path in (child, father, mother)),
-                                 interference=interference, function_loss=function_loss)
+                                 interference=interference, function_loss=function_loss, noise=noise)
     health.write_health(report, out)
     create_table_artifact(key="health", table=report["layers"], description=f"health check: {report['verdict']}")
     create_markdown_artifact(key="health-summary", markdown=health.health_markdown(report))

@@ -67,7 +67,8 @@ def arc_dir():
 @pytest.fixture(scope="session")
 def pico_family(tmp_path_factory):
     """base, father and mother pico Qwen3.5 text models with the demo's character tokenizer, and a 12-question
-    ARC-format task file whose answers the tiny models can only guess (a fitness signal with real variance)."""
+    ARC-format task file (validation and test splits) whose answers the tiny models can only guess (a fitness signal
+    with real variance)."""
     import json
 
     from darwin.demo.tokenizer import build_tokenizer
@@ -82,18 +83,19 @@ def pico_family(tmp_path_factory):
             pico.perturbed(model, perturb, scale=0.05)
         paths[role] = pico.save(model, root / role)
         tokenizer.save_pretrained(paths[role])
-    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?",
-             "choices": {"text": [str(2 * i), str(2 * i + 1), str(i)], "label": ["A", "B", "C"]},
-             "answerKey": "ABC"[i % 3]} for i in range(12)]
-    (root / "toy.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    paths["task"] = multiple_choice_task_file("toy", {"validation": root / "toy.jsonl"}, root)
+    for split, numbers in (("validation", range(12)), ("test", range(12, 24))):
+        rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?",
+                 "choices": {"text": [str(2 * i), str(2 * i + 1), str(i)], "label": ["A", "B", "C"]},
+                 "answerKey": "ABC"[i % 3]} for i in numbers]
+        (root / f"toy_{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    paths["task"] = multiple_choice_task_file("toy", {split: root / f"toy_{split}.jsonl"
+                                                      for split in ("validation", "test")}, root)
     return paths
 
 
 @pytest.fixture(scope="session")
-def demo_parents(tmp_path_factory):
-    """The demo's real parents (seed 0), built once per session: the demo's own recipe, a few minutes on 2 cores
-    (`build_parents` sets the thread counts it trains with, and restores the suite's one after)."""
-    from darwin.demo.parents import build_parents
+def demo_parents():
+    """The demo's parents as the package ships them."""
+    from darwin.demo.parents import shipped_parents
 
-    return build_parents(tmp_path_factory.mktemp("demo-parents"), seed=0)
+    return shipped_parents()

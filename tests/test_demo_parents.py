@@ -1,5 +1,5 @@
-"""The demo's parents: deterministic skills with disjoint splits, the character tokenizer, and a reduced build
-whose father and mother each lead on their own skill."""
+"""The demo's parents: deterministic skills with disjoint splits, the character tokenizer, the shipped parents (each
+leads on its own skill, and the recipe still trains as it did for them), and the cached build."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import transformers as tf
 import yaml
 
 from darwin.demo import skills
-from darwin.demo.parents import build_parents
+from darwin.demo.parents import TRACE_STEPS, Recipe, build_parents, parents_stamp, recipe_key, replay_trace
 from darwin.demo.tokenizer import build_tokenizer
 from darwin.demo.train import accuracy
+from darwin.errors import DarwinError
 
 
 def test_skills_are_deterministic_and_seeded():
@@ -55,21 +56,22 @@ def test_every_name_has_one_answer():
 
 
 def test_task_files_load_in_lm_eval(tmp_path):
-    from lm_eval.tasks import TaskManager
+    from darwin.evaluate import TaskSet
 
     written = skills.write_skill_tasks(tmp_path / "tasks")
     for name, paths in written.items():
         rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
         assert rows == skills.splits(name, 0)["test"]
-        config = yaml.safe_load(paths["dev_yaml"].read_text())
-        assert config["dataset_kwargs"]["data_files"]["test"] == str(paths["dev"])
-    manager = TaskManager(include_path=str(tmp_path / "tasks"))
-    task_name = skills.task_name(skills.SKILL_A, "dev")
-    task = manager.load_task_or_group([task_name])[task_name]
-    docs = list(task.test_docs())
-    assert len(docs) == skills.SIZES["dev"]
-    assert task.doc_to_text(docs[0]) == skills.prompt(docs[0]["question"])
-    assert task.doc_to_choice(docs[0])[task.doc_to_target(docs[0])] == skills.answer_text(docs[0])
+        config = yaml.safe_load(paths["yaml"].read_text())
+        assert config["dataset_kwargs"]["data_files"] == {"validation": str(paths["dev"]), "test": str(paths["test"])}
+    task_file = str(written[skills.SKILL_A]["yaml"])
+    for split, size in (("validation", skills.SIZES["dev"]), ("test", skills.SIZES["test"])):
+        task = TaskSet([task_file], split).loaded()["tasks"][skills.task_name(skills.SKILL_A)]
+        docs = list(task.eval_docs)
+        assert len(docs) == size
+        assert docs[0]["id"] == f"{skills.SKILL_A}/{'dev' if split == 'validation' else split}/0"
+        assert task.doc_to_text(docs[0]) == skills.prompt(docs[0]["question"])
+        assert task.doc_to_choice(docs[0])[task.doc_to_target(docs[0])] == skills.answer_text(docs[0])
 
 
 def test_tokenizer_round_trips(tmp_path):
@@ -84,20 +86,51 @@ def test_tokenizer_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-def test_parents_are_cached_and_each_leads_on_its_skill(demo_parents):
-    out = demo_parents["base"].parent
-    built = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()}
-    assert build_parents(out, seed=0) == demo_parents
-    assert torch.get_num_threads() == 1  # the suite's pinning (conftest), restored after training on its own counts
-    assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in demo_parents.items()} == built
+def test_shipped_parents_each_lead_on_their_skill(demo_parents):
+    seed = parents_stamp(demo_parents)["seed"]
     tokenizer = tf.AutoTokenizer.from_pretrained(demo_parents["father"])
     scores = {}
     for name in ("base", "father", "mother"):
         model = tf.AutoModelForCausalLM.from_pretrained(demo_parents[name])
         assert type(model).__name__ == "Qwen3_5ForCausalLM"
-        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, 0)["dev"][:200]) for s in skills.SKILLS}
+        scores[name] = {s: accuracy(model, tokenizer, skills.splits(s, seed)["dev"][:200]) for s in skills.SKILLS}
     a, b = skills.SKILL_A, skills.SKILL_B
     # each fine-tune taught its own skill's rule on names it never saw, and kept what the base knew of the other
     assert scores["father"][a] > scores["base"][a] + 0.15 and scores["father"][a] > scores["mother"][a] + 0.15, scores
     assert scores["mother"][b] > scores["base"][b] + 0.15 and scores["mother"][b] > scores["father"][b] + 0.15, scores
     assert scores["father"][b] > scores["base"][b] - 0.1 and scores["mother"][a] > scores["base"][a] - 0.1, scores
+
+
+@pytest.mark.slow
+def test_the_recipe_still_trains_as_it_did_for_the_shipped_parents(demo_parents):
+    """The first steps of the base, father and mother trainings, replayed on one thread, give the losses the build
+    of the shipped parents recorded: recipe, data, initialisation and libraries still train as they did (floats
+    of another CPU or thread count differ in the last digits only)."""
+    stamp = parents_stamp(demo_parents)
+    assert stamp["key"] == recipe_key(stamp["seed"], Recipe())
+    replayed = replay_trace(demo_parents)
+    assert set(replayed) == set(stamp["trace"]) == {"base", "father", "mother"}
+    for role, losses in stamp["trace"].items():
+        assert len(losses) == TRACE_STEPS
+        assert replayed[role] == pytest.approx(losses, rel=1e-4), role
+
+
+def test_a_changed_recipe_refuses_the_shipped_parents(monkeypatch):
+    from darwin.demo import parents
+
+    monkeypatch.setattr(parents, "CODE_VERSION", parents.CODE_VERSION + 1)
+    with pytest.raises(DarwinError, match="another recipe"):
+        parents.shipped_parents()
+
+
+@pytest.mark.slow
+def test_parents_are_built_once_and_cached(tmp_path):
+    recipe = Recipe(hidden=32, base_steps=3, father_steps=2, mother_steps=2, lora_rank=2)
+    built = build_parents(tmp_path, seed=5, recipe=recipe, log=lambda line: None)
+    stamp = parents_stamp(built)
+    assert (stamp["seed"], stamp["key"]) == (5, recipe_key(5, recipe))
+    assert {role: len(losses) for role, losses in stamp["trace"].items()} == {"base": 3, "father": 2, "mother": 2}
+    assert torch.get_num_threads() == 1  # the suite's pinning (conftest), restored after training on its own counts
+    times = {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in built.items()}
+    assert build_parents(tmp_path, seed=5, recipe=recipe) == built
+    assert {name: (path / "model.safetensors").stat().st_mtime_ns for name, path in built.items()} == times

@@ -1,5 +1,6 @@
 import json
 import pickle
+import shutil
 
 import numpy as np
 
@@ -10,8 +11,9 @@ import yaml
 import darwin.fitness
 from darwin.config import load_config, parse_config
 from darwin.errors import DarwinError
-from darwin.genome import gene_names
-from darwin.search import Search
+from darwin import evolution
+from darwin.genome import Genome, gene_names
+from darwin.search import PRIOR, Search, heuristic_fitness
 from flows import evolve
 from flows.cli import main
 
@@ -73,6 +75,48 @@ def test_search_resumes_exactly(tmp_path):
     assert all(0.0 <= v <= 1.0 for g in genomes for v in g.vector())
 
 
+PRESCRIPTION = {"global_ratio": 0.5, "attn_ratio": 0.42, "ffn_ratio": 0.58, "embed_ratio": 0.5}
+
+
+def heuristic_phase1(steps=200, popsize=20):
+    search, rows = Search("v6", 6, popsize, seed=0), []
+    for generation in range(steps):
+        genomes = search.ask()
+        scores = [heuristic_fitness(g, PRESCRIPTION) for g in genomes]
+        rows += [evolution.history_row(1, generation, {"genome_hash": g.hash, "genes": dict(g.genes), "fitness": f},
+                                       {}) for g, f in zip(genomes, scores)]
+        search.tell(scores)
+    return search, rows
+
+
+def test_heuristic_has_no_optimum_on_a_bound():
+    best = Genome.from_dict({**PRESCRIPTION, **{f"block_{k}": 0.5 for k in range(6)}, **PRIOR})
+    top = heuristic_fitness(best, PRESCRIPTION)
+    for gene in best.genes:
+        for bound in (0.0, 1.0):
+            moved = Genome.from_dict({**best.genes, gene: bound})
+            assert heuristic_fitness(moved, PRESCRIPTION) < top, (gene, bound)
+
+
+def test_phase2_starts_from_phase1s_best_and_searches():
+    phase1, rows = heuristic_phase1()
+    assert phase1.sigma < 0.01  # converged: carried over as it was, Phase 2 would evaluate one genome
+    best = evolution.distinct_best(rows, 1, "v6", 6, 4)
+    assert best[0] == list(evolution.genes_of(evolution.best_row(rows, 1), "v6", 6).values())
+    assert all(max(abs(x - y) for x, y in zip(a, b)) >= 0.05 for i, a in enumerate(best) for b in best[:i])
+    phase2 = phase1.follow_on(8, 0.15, best)
+    assert phase2.sigma == 0.15
+    genomes = phase2.ask()
+    assert [g.vector() for g in genomes[:4]] == [Genome.from_vector("v6", x, 6).vector() for x in best]
+    assert len({g.hash for g in genomes}) == 8
+    genes = list(gene_names("v6", 6))
+    spans = [max(g[name] for g in genomes) - min(g[name] for g in genomes) for name in genes]
+    assert max(spans) >= 0.05
+    for genome in genomes:
+        assert genome["density_a"] < 1.0 and genome["density_b"] < 1.0
+    assert 0.8 < genomes[0]["density_a"] < 0.95 and 0.8 < genomes[0]["density_b"] < 0.95  # the heuristic's optimum
+
+
 def test_short_evolution_writes_history_best_and_plot(prefect_api, pico_family, tmp_path):
     run = tmp_path / "run"
     summary = evolve.run_evolution(config_for(pico_family), run, cache_dir=str(tmp_path / "cache"))
@@ -85,6 +129,9 @@ def test_short_evolution_writes_history_best_and_plot(prefect_api, pico_family, 
     assert summary["best"]["fitness"] == phase2["fitness"].max()
     report = json.loads((run / "best" / "merge_report.json").read_text())
     assert report["genome_hash"] == summary["best"]["genome_hash"]
+    # dare-ties with a v6 genome: the parents were probed and the V6 formula's probe term reached the prescription
+    assert (run / "probes" / "father" / "probes.parquet").exists()
+    assert any("probe_father" in row for row in report["tensors"].values())
     assert (run / "evolution.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "summary.json").read_text())["health"] in ("pass", "fail")
     assert set(summary["proxy_spearman"]) == {"proxy_heuristic", "proxy_measured"}
@@ -101,6 +148,40 @@ def test_cache_prevents_reevaluation(prefect_api, pico_family, tmp_path, monkeyp
     assert calls == []
     assert history(tmp_path / "two")[lambda f: f.phase == 2]["cached"].all()
     assert second["best"] == first["best"]
+
+
+def test_runs_differing_in_method_or_a_late_tensor_share_no_cache_entry(pico_family, tmp_path):
+    from darwin.checkpoint import Checkpoint
+    from darwin.evaluate import fitness_cache_key
+
+    def key(parents):
+        return fitness_cache_key(darwin.fitness.run_inputs(parents), "g" * 64, [str(pico_family["task"])], None)
+
+    paths = {role: str(pico_family[role]) for role in ("father", "mother", "base")}
+    v5 = darwin.fitness.Parents(paths["father"], paths["mother"], "darwin-v5", paths["base"])
+    dare = darwin.fitness.Parents(paths["father"], paths["mother"], "dare-ties", paths["base"])
+    assert key(v5) != key(dare)
+    # the mother in one shard, and a copy of it whose last tensor differs in one value, far past its first 64 KiB
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for shard in Checkpoint(pico_family["mother"]).shards:
+        tensors.update(load_file(pico_family["mother"] / shard))
+    one, late = tmp_path / "one-shard", tmp_path / "late-change"
+    for directory in (one, late):
+        directory.mkdir()
+        shutil.copy(pico_family["mother"] / "config.json", directory)
+        save_file(tensors, directory / "model.safetensors")
+    size = (late / "model.safetensors").stat().st_size
+    assert size > 1 << 17
+    with open(late / "model.safetensors", "r+b") as handle:
+        handle.seek(size - 2)
+        value = handle.read(1)
+        handle.seek(size - 2)
+        handle.write(bytes([value[0] ^ 1]))
+    same, changed = (darwin.fitness.Parents(paths["father"], str(d), "dare-ties", paths["base"]) for d in (one, late))
+    assert key(same) != key(changed)
+    assert key(darwin.fitness.Parents(paths["father"], str(one), "dare-ties", paths["base"])) == key(same)  # stable
 
 
 class Interrupted(Exception):

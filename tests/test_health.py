@@ -56,16 +56,18 @@ def test_flags_follow_the_thresholds():
     assert loose["verdict"] == "pass"
 
 
-def test_near_zero_layers_are_noise_not_flags():
-    """Layer 1 is near zero in all three (child 10x its parents, yet below the floor: 5% of the 0.5 peak);
-    layer 2's parents sit below the floor, so a child at zero there is no function loss either."""
+def test_spec_rule_by_default_and_an_opt_in_noise_floor():
+    """Layer 1 is near zero in all three (child 10x its parents); layer 2's child is at zero. SPEC's rule flags
+    both; with noise 0.05 both sit below the floor (5% of the 0.5 peak) and nothing is flagged."""
     father = curves({0: 0.5, 1: 0.002, 2: 0.02})
     mother = curves({0: 0.5, 1: 0.001, 2: 0.02})
     child = curves({0: 0.5, 1: 0.02, 2: 0.0})
-    report = health.health_check(child, father, mother)
-    assert report["verdict"] == "pass"
-    assert report["thresholds"]["noise_floor"] == pytest.approx(0.05 * 0.5)
-    assert health.health_check(child, father, mother, noise=0.0)["verdict"] == "fail"
+    exact = health.health_check(child, father, mother)
+    assert (exact["verdict"], exact["interference"], exact["function_loss"]) == ("fail", [1], [2])
+    assert exact["thresholds"]["noise_floor"] == 0.0
+    floored = health.health_check(child, father, mother, noise=0.05)
+    assert floored["verdict"] == "pass"
+    assert floored["thresholds"]["noise_floor"] == pytest.approx(0.05 * 0.5)
 
 
 def test_mismatched_layers_and_bad_thresholds_are_user_errors():

@@ -94,9 +94,9 @@ def run_dir(tmp_path, pico_checkpoint):
         "method": "darwin-v5", "genome": GENOME, "genome_hash": "f00d" * 16,
         "parents": {"father": "/cache/models--org--father-9b/snapshots/abc", "mother": "/models/mother", "base": None},
         "tensors": {}}))
-    (run / "summary.json").write_text(json.dumps({
-        "scores": SCORES, "fitness": {"father": 0.465, "mother": 0.465, "child": 0.65},
-        "p_values": {"father": 0.012, "mother": 0.031}, "genome": GENOME, "genome_hash": "f00d" * 16}))
+    (run / "summary.json").write_text(json.dumps({"heldout": {
+        "split": "test", "questions": 400, "scores": SCORES, "fitness": {"father": 0.465, "mother": 0.465, "child": 0.65},
+        "p_values": {"father": 0.012, "mother": 0.031}}, "genome": GENOME, "genome_hash": "f00d" * 16}))
     pd.DataFrame({"phase": [1, 1, 1, 2, 2], "generation": [0, 0, 1, 0, 0], "fitness": [0.1, 0.3, 0.2, 0.6, 0.65],
                   "genome_hash": list("abcde")}).to_parquet(run / "history.parquet")
     (run / "health").mkdir()
@@ -222,6 +222,7 @@ def test_model_card_from_a_run(run_dir):
         assert f"| {gene} | {value} |" in body
     assert "| skill_a | 0.71 | 0.25 | 0.66 |" in body and "| skill_b | 0.22 | 0.68 | 0.64 |" in body
     assert "f00d" * 16 in body and "p = 0.012 vs father" in body
+    assert "On the `test` split (400 questions), which the search never scored" in body
     assert "| nvfp4a16 | `quantized/nvfp4a16` | 12 | 3 |" in body and "0.094" in body
     assert "5 genomes evaluated, 3 in Phase 1, 2 in Phase 2" in body and "**pass**" in body
     assert "vllm serve ./darwin-pico-run/best" in body and "modelopt_fp4`" in body
@@ -231,7 +232,7 @@ def test_model_card_from_a_run(run_dir):
 
 def test_model_card_with_nothing_known_still_renders():
     card = model_card({})
-    assert card.startswith("---\n") and "## Usage" in card and "## Genome" not in card and "## Scores" not in card
+    assert card.startswith("---\n") and "## Usage" in card and "## Genome" not in card and "## Held-out" not in card
 
 
 def test_cli_publishes_a_run_with_its_card(prefect_api, bucket, run_dir):

@@ -1,16 +1,13 @@
-"""The demo's run: its evolution config over the demo parents, and the held-out report (scores, McNemar).
+"""The demo's run: its evolution config over the demo parents, and the table it ends with.
 
-Fitness during evolution is the mean acc_norm of both skills on their dev questions; the final report scores
-father, mother and child on the held-out test questions only, with an exact McNemar test of the child against each
-parent over the per-question correctness of both skills.
+Fitness during evolution is the mean acc_norm of both skills on their dev questions (the tasks' validation split);
+the evolution's held-out report scores father, mother and child on the test questions only, with an exact McNemar
+test of the child against each parent over the per-question correctness of both skills.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from darwin.evaluate import EvalResult
-from darwin.stats import mcnemar
 
 # Budgets: "full" is the README's demo; "small" (the same parents) keeps a CI-sized run honest in a few minutes.
 # `questions`: how many of each dev and test split are scored (None: all).
@@ -28,29 +25,17 @@ def demo_config(parents: dict[str, Path], tasks: dict[str, dict[str, Path]], sma
         "father": str(parents["father"]), "mother": str(parents["mother"]), "base": str(parents["base"]),
         **METHOD, "seed": seed,
         "phase1": {**budget["phase1"], "proxy": "heuristic"},
-        "phase2": {**budget["phase2"], "tasks": [str(paths["dev_yaml"]) for paths in tasks.values()],
-                   "limit": budget["questions"], "batch_size": 64, "device": "cpu"},
+        "phase2": {**budget["phase2"], "tasks": [str(paths["yaml"]) for paths in tasks.values()],
+                   "split": "validation", "limit": budget["questions"], "batch_size": 64, "device": "cpu"},
+        "heldout": {"split": "test", "limit": budget["questions"]},
         "release": {"scheme": "nvfp4a16", "dest": str(release_dest) if release_dest else None},
         "runner": {"kind": "local", "workers": 1},
     }
 
 
-def held_out_report(results: dict[str, EvalResult]) -> dict:
-    """Scores per skill, held-out fitness (mean over skills) and the child's McNemar p-value against each parent."""
-    def flat(result: EvalResult) -> list[bool]:
-        return [answer for task in sorted(result.per_question) for answer in result.per_question[task]]
-
-    child = flat(results["child"])
-    return {
-        "scores": {role: dict(result.scores) for role, result in results.items()},
-        "fitness": {role: result.fitness for role, result in results.items()},
-        "p_values": {parent: mcnemar(child, flat(results[parent])) for parent in ("father", "mother")},
-        "questions": len(child),
-    }
-
-
 def table(report: dict, genome: dict) -> str:
-    """The table the demo ends with: per skill and mean, father / mother / child, and the p-values."""
+    """The table the demo ends with, from the evolution's held-out report: per skill and mean, father / mother /
+    child, and the p-values."""
     tasks = sorted(report["scores"]["child"])
     width = max(len(t) for t in tasks + ["held-out mean"]) + 2
     lines = [f"{'':{width}}{'father':>9}{'mother':>9}{'child':>9}"]

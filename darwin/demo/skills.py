@@ -116,14 +116,14 @@ def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def task_name(skill_name: str, split: str) -> str:
-    return f"demo_{skill_name}_{split}"
+def task_name(skill_name: str) -> str:
+    return f"demo_{skill_name}"
 
 
 def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str, Path]]:
-    """Write each skill's splits as JSONL and an lm-eval task YAML per dev/test split (arc_challenge's shape,
-    local data, via darwin.evaluate). Returns {skill: {split: jsonl, "dev_yaml"|"test_yaml": task file}}; the task
-    names are `task_name(skill, split)`."""
+    """Write each skill's splits as JSONL and one lm-eval task YAML per skill (arc_challenge's shape, local data,
+    via darwin.evaluate) whose validation split is `dev` and test split is `test`. Returns {skill: {split: jsonl,
+    "yaml": task file}}; the task names are `task_name(skill)`."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {}
@@ -133,7 +133,7 @@ def write_skill_tasks(out_dir: str | Path, seed: int = 0) -> dict[str, dict[str,
             path = out / f"{skill_name}_{split}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             paths[split] = path
-            if split in ("dev", "test"):
-                paths[f"{split}_yaml"] = multiple_choice_task_file(task_name(skill_name, split), {"test": path}, out)
+        paths["yaml"] = multiple_choice_task_file(task_name(skill_name), {"validation": paths["dev"],
+                                                                          "test": paths["test"]}, out)
         written[skill_name] = paths
     return written

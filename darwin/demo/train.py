@@ -66,9 +66,10 @@ def encode_batch(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Ten
 
 def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr: float, seed: int,
           batch_size: int = 64, warmup: int = 20, replay: Sequence[tuple[str, str]] = (),
-          replay_share: float = 0.0) -> list[float]:
+          replay_share: float = 0.0, until: int | None = None) -> list[float]:
     """AdamW with warmup and cosine decay over (question, answer) pairs; a `replay_share` of each batch is drawn
-    from `replay` (the base's mix) so that a fine-tune keeps what it does not train. Returns the loss per step.
+    from `replay` (the base's mix) so that a fine-tune keeps what it does not train. Returns the loss per step;
+    `until` stops after that many steps of the same schedule (the check that a recipe still trains as it did).
     The batches come from `seed` alone and nothing is drawn from torch's global generator (the models have no
     dropout), so two trainings may run side by side in one process."""
     rng = random.Random(seed)
@@ -82,7 +83,7 @@ def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr:
     n_replay = round(batch_size * replay_share) if replay else 0
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in range(steps if until is None else min(until, steps)):
         batch = rng.choices(examples, k=batch_size - n_replay) + rng.choices(replay, k=n_replay)
         ids, mask, labels = pad_batch(tokenizer, batch)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
