@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `command(args) -> int`; only the
 module of the command being run is imported, so `darwin merge` does not pay for Prefect or lm-eval at start-up.
-User errors (`DarwinError`) print as one line and exit 2; no traceback.
+User errors (`DarwinError`) print as one line and exit 2, also when raised inside a flow; no traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import logging
 import os
 import sys
 
@@ -39,6 +40,30 @@ def _import_frozen(module_name: str):
         gc.enable()
 
 
+class _UserErrorLines(logging.Filter):
+    """Drops the console lines Prefect logs for a DarwinError raised inside a task or flow (its traceback, and the
+    run's "Finished in state Failed(... DarwinError ...)"): the command ends with the error's one line instead.
+    Prefect's API still receives every record, so the UI keeps the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from darwin.errors import DarwinError
+
+        if record.exc_info and isinstance(record.exc_info[1], DarwinError):
+            return False
+        names = {DarwinError.__name__, *(cls.__name__ for cls in DarwinError.__subclasses__())}
+        return not (record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+                    and any(name in record.getMessage() for name in names))
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)):
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_UserErrorLines())
+
+
 def main(argv: list[str] | None = None) -> int:
     """`argv` None: this process is the command (the console script), so its imports may be frozen."""
     own_process = argv is None
@@ -56,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     from darwin.errors import DarwinError
+
+    if "prefect" in sys.modules:  # the command runs flows: Prefect's logging is configured
+        _quiet_user_errors()
 
     try:
         return int(module.command(args) or 0)

@@ -53,7 +53,8 @@ def _candidate_placement(config: RunConfig):
 
 
 def _gather(futures, genomes: list[Genome]) -> list[dict]:
-    """Results in ask order; a genome that failed after its retries scores the worst fitness, and the run goes on."""
+    """Results in ask order; a genome that failed after its retries scores the worst fitness, and the run goes on,
+    unless every genome failed: then nothing the search could learn is left, and the run stops naming the first."""
     records = []
     for future, genome in zip(futures, genomes):
         future.wait()
@@ -63,7 +64,10 @@ def _gather(futures, genomes: list[Genome]) -> list[dict]:
         get_run_logger().warning("genome %s failed after retries (%s): worst fitness", genome.hash[:12],
                                  future.state.message)
         records.append({"genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": evolution.WORST_FITNESS,
-                        "failed": True})
+                        "failed": True, "error": future.state.message})
+    if all(record.get("failed") for record in records):
+        raise DarwinError(f"every genome of the generation failed; the first ({records[0]['genome_hash'][:12]}): "
+                          f"{records[0]['error']}")
     return records
 
 

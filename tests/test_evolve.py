@@ -242,6 +242,22 @@ def test_failed_merge_is_retried_and_a_hopeless_genome_scores_worst(prefect_api,
     assert len(frame) == 3
 
 
+def test_a_generation_that_fails_entirely_stops_the_run_in_one_line(prefect_api, pico_family, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(evolve, "evaluate_candidate", evolve.evaluate_candidate.with_options(retry_delay_seconds=0))
+
+    def broken(plan, model, device="cpu"):
+        raise RuntimeError("no parameter for 73 checkpoint tensors (injected)")
+
+    monkeypatch.setattr(darwin.fitness, "merge_into_model", broken)
+    with pytest.raises(DarwinError) as error:
+        evolve.run_evolution(config_for(pico_family, phase1__steps=0, phase2__steps=2), tmp_path / "run",
+                             cache_dir=str(tmp_path / "cache"))
+    message = str(error.value)
+    assert message.startswith("every genome of the generation failed; the first (") and "\n" not in message
+    assert "no parameter for 73 checkpoint tensors (injected)" in message
+
+
 def test_cli_refuses_a_different_config_for_an_existing_run(prefect_api, pico_family, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

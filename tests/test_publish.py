@@ -2,10 +2,14 @@
 
 import hashlib
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import urllib.request
 import uuid
+from pathlib import Path
 
 import boto3
 import pandas as pd
@@ -245,6 +249,18 @@ def test_cli_publishes_a_run_with_its_card(prefect_api, bucket, run_dir):
     assert remote == local_files(run_dir)
     assert manifest["genome_hash"] == "f00d" * 16 and manifest["name"] == "darwin-pico-run"
     assert main(["publish", str(run_dir / "missing"), f"s3://{bucket}/x"]) == 2
+
+
+def test_a_user_error_inside_the_flow_is_one_line(bucket, model_dir, tmp_path):
+    """The missing bucket is found inside the publish flow: Prefect's traceback of it stays off the terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([str(Path(sys.executable).parent / "darwin"), "publish", str(model_dir),
+                           f"s3://no-such-{bucket}/x"], env={**env, "PREFECT_HOME": str(tmp_path / "prefect")},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line or "error" in line]
+    assert errors == [f"darwin publish: error: bucket 'no-such-{bucket}' does not exist "
+                      f"(destination s3://no-such-{bucket}/x)"], done.stderr
 
 
 def test_task_does_not_retry_a_missing_bucket(prefect_api, bucket, model_dir):
