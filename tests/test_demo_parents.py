@@ -124,9 +124,17 @@ def test_a_changed_recipe_refuses_the_shipped_parents(monkeypatch):
 
 
 @pytest.mark.slow
-def test_parents_are_built_once_and_cached(tmp_path):
+def test_parents_are_built_once_and_cached(tmp_path, monkeypatch):
+    from darwin.demo import train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 1)
     recipe = Recipe(hidden=32, base_steps=3, father_steps=2, mother_steps=2, lora_rank=2)
-    built = build_parents(tmp_path, seed=5, recipe=recipe, log=lambda line: None)
+    lines = []
+    built = build_parents(tmp_path, seed=5, recipe=recipe, log=lines.append)
+    # progress while it trains, not only when it is done
+    assert [line.split(",")[0] for line in lines if line.startswith("base: step")] == \
+        ["base: step 1/3", "base: step 2/3", "base: step 3/3"]
+    assert sum(line.startswith(("father: step", "mother: step")) for line in lines) == 4
     stamp = parents_stamp(built)
     assert (stamp["seed"], stamp["key"]) == (5, recipe_key(5, recipe))
     assert {role: len(losses) for role, losses in stamp["trace"].items()} == {"base": 3, "father": 2, "mother": 2}

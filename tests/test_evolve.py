@@ -1,3 +1,4 @@
+import argparse
 import json
 import pickle
 import shutil
@@ -11,6 +12,7 @@ import yaml
 import darwin.fitness
 from darwin.config import load_config, parse_config
 from darwin.errors import DarwinError
+from darwin.evaluate import multiple_choice_task_file
 from darwin import evolution
 from darwin.genome import Genome, gene_names
 from darwin.search import PRIOR, Search, heuristic_fitness
@@ -49,6 +51,24 @@ def test_config_defaults_and_errors(tmp_path):
     with pytest.raises(DarwinError, match="darwin-v6 needs genome: v6"):
         parse_config({"father": "a", "mother": "b", "method": "darwin-v6"})
     assert load_config(tmp_path / "c.yaml", {"phase2.steps": 3}).phase2.steps == 3
+    assert (config.phase2.split, config.heldout.split, config.phase2.sigma0, config.health.noise) == \
+        ("validation", "test", 0.15, 0.0)
+    with pytest.raises(DarwinError, match="phase2.split and heldout.split are both 'test'"):
+        load_config(tmp_path / "c.yaml", {"phase2.split": "test"})
+    assert load_config(tmp_path / "c.yaml", {"phase2.split": "test", "heldout.split": None}).heldout.split is None
+
+
+def test_a_task_without_the_asked_split_is_refused_before_any_work(pico_family, tmp_path):
+    path = tmp_path / "c.yaml"
+    config = config_for(pico_family).model_dump(mode="json")
+    config["phase2"]["tasks"] = [str(multiple_choice_task_file("only_val", {"validation": pico_family["task"].parent /
+                                                                           "toy_validation.jsonl"}, tmp_path))]
+    path.write_text(yaml.safe_dump(config))
+    assert main(["evolve", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DarwinError, match="task only_val has no test split"):
+        evolve.command(argparse.Namespace(config=str(path), set=[], out=str(tmp_path / "run"), resume=False,
+                                          force_release=False))
 
 
 def test_search_resumes_exactly(tmp_path):

@@ -107,16 +107,21 @@ def _lessons(seed: int) -> tuple[dict[str, list], list]:
             [pair for split in parts.values() for pair in qa_pairs(split["base"])])
 
 
-def _train_base(tokenizer, seed: int, recipe: Recipe, threads: int, until: int | None = None):
+def _progress(log: Callable[[str], None] | None, role: str, steps: int) -> Callable[[int, float], None] | None:
+    return (lambda step, loss: log(f"{role}: step {step}/{steps}, loss {loss:.3f}")) if log else None
+
+
+def _train_base(tokenizer, seed: int, recipe: Recipe, threads: int, until: int | None = None, log=None):
     """(base model, its losses): from the seed's initialisation on both skills' `base` split."""
     torch.manual_seed(seed)
     base = tf.Qwen3_5ForCausalLM(model_config(len(tokenizer), recipe.hidden, recipe.layers))
     [losses] = _side_by_side(threads, partial(train, base, tokenizer, _lessons(seed)[1], steps=recipe.base_steps,
-                                              lr=recipe.base_lr, seed=seed, until=until))
+                                              lr=recipe.base_lr, seed=seed, until=until,
+                                              progress=_progress(log, "base", recipe.base_steps)))
     return base, losses
 
 
-def _train_fine_tunes(base_dir: Path, tokenizer, seed: int, recipe: Recipe, until: int | None = None):
+def _train_fine_tunes(base_dir: Path, tokenizer, seed: int, recipe: Recipe, until: int | None = None, log=None):
     """(father, mother, their losses) from the base in `base_dir`, side by side on one thread each: 11% faster
     than one after the other on two threads (darwin/demo/README.md). Both models are made here, not in the
     workers: loading and peft's wrapping patch process-wide state."""
@@ -128,9 +133,11 @@ def _train_fine_tunes(base_dir: Path, tokenizer, seed: int, recipe: Recipe, unti
         peft.LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, target_modules=LORA_TARGETS))
     father_losses, mother_losses = _side_by_side(
         1, partial(train, father, tokenizer, lessons[skills.SKILL_A], steps=recipe.father_steps, lr=recipe.father_lr,
-                   seed=seed + 1, replay=mix, replay_share=recipe.replay_share, until=until),
+                   seed=seed + 1, replay=mix, replay_share=recipe.replay_share, until=until,
+                   progress=_progress(log, "father", recipe.father_steps)),
         partial(train, lora, tokenizer, lessons[skills.SKILL_B], steps=recipe.mother_steps, lr=recipe.mother_lr,
-                seed=seed + 2, replay=mix, replay_share=recipe.replay_share, until=until))
+                seed=seed + 2, replay=mix, replay_share=recipe.replay_share, until=until,
+                progress=_progress(log, "mother", recipe.mother_steps)))
     return father, lora.merge_and_unload(), father_losses, mother_losses
 
 
@@ -151,12 +158,13 @@ def build_parents(out_dir: str | Path, seed: int = 0, recipe: Recipe = Recipe(),
         f"({recipe.father_steps} / {recipe.mother_steps} steps side by side)")
     with _calling_thread_on_one():
         start = time.time()
-        base, losses["base"] = _train_base(tokenizer, seed, recipe, min(BASE_THREADS, os.cpu_count() or 1))
+        base, losses["base"] = _train_base(tokenizer, seed, recipe, min(BASE_THREADS, os.cpu_count() or 1), log=log)
         _save(base, tokenizer, paths["base"])
         seconds["base"] = time.time() - start
         log(f"base: {recipe.base_steps} steps in {seconds['base']:.0f} s")
         start = time.time()
-        father, mother, losses["father"], losses["mother"] = _train_fine_tunes(paths["base"], tokenizer, seed, recipe)
+        father, mother, losses["father"], losses["mother"] = _train_fine_tunes(paths["base"], tokenizer, seed, recipe,
+                                                                               log=log)
         _save(father, tokenizer, paths["father"])
         _save(mother, tokenizer, paths["mother"])
         seconds["fine-tunes"] = time.time() - start

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import transformers as tf
 
 from darwin.demo.skills import answer_text, prompt
+
+PROGRESS_EVERY = 50  # training steps between progress lines
 
 
 def model_config(vocab_size: int, hidden: int = 128, layers: int = 4) -> tf.Qwen3_5TextConfig:
@@ -66,10 +68,12 @@ def encode_batch(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Ten
 
 def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr: float, seed: int,
           batch_size: int = 64, warmup: int = 20, replay: Sequence[tuple[str, str]] = (),
-          replay_share: float = 0.0, until: int | None = None) -> list[float]:
+          replay_share: float = 0.0, until: int | None = None,
+          progress: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW with warmup and cosine decay over (question, answer) pairs; a `replay_share` of each batch is drawn
     from `replay` (the base's mix) so that a fine-tune keeps what it does not train. Returns the loss per step;
-    `until` stops after that many steps of the same schedule (the check that a recipe still trains as it did).
+    `until` stops after that many steps of the same schedule (the check that a recipe still trains as it did);
+    `progress(step, loss)` is called every PROGRESS_EVERY steps.
     The batches come from `seed` alone and nothing is drawn from torch's global generator (the models have no
     dropout), so two trainings may run side by side in one process."""
     rng = random.Random(seed)
@@ -93,6 +97,8 @@ def train(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int, lr:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if progress is not None and len(losses) % PROGRESS_EVERY == 0:
+            progress(len(losses), losses[-1])
     model.eval()
     return losses
 
