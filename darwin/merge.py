@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from darwin import masks, prescribe
-from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, check_compatible, to_torch, torch_dtype
+from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, TensorInfo, check_compatible, to_raw, \
+    to_torch, torch_dtype
 from darwin.errors import DarwinError
 from darwin.genome import Genome
 from darwin.mri import PROFILE_HINT, array_stats, tensor_stats
@@ -56,6 +57,8 @@ REPORT_NAME = "merge_report.json"
 # The direct kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at masks.CHUNK a
 # 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
 DIRECT_CHUNK = 1 << 20
+# Kinds of tensors (darwin/families) that AutoModelForCausalLM builds no parameter for: Phase 2 leaves them out
+UNBUILT_KINDS = ("vision", "mtp")
 # dtypes the kernel reads and writes in place (the value: its bf16 flag); others go through float32 torch chunks
 KERNEL_DTYPES = {"BF16": True, "F32": False}
 
@@ -140,10 +143,11 @@ class BufferRing:
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
-    shard: str
+    shard: str  # the child's shard: the father's, or his last one for a tensor only the mother holds
     kind: str
     block: int | None
     genome_ratio: float
+    carried: str | None = None  # "father" | "mother": only that parent holds it, copied byte for byte
 
 
 @dataclass
@@ -165,11 +169,18 @@ class MergePlan:
     def shards(self) -> list[str]:
         return list(dict.fromkeys(t.shard for t in self.tensors))
 
+    def source(self, tp: TensorPlan) -> TensorInfo:
+        """The tensor as the child stores it: the father's dtype and shape, the mother's for one she alone holds."""
+        return (self.mother if tp.carried == "mother" else self.father).tensors[tp.name]
+
 
 def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: str, base: Checkpoint | None = None,
                mri_a: dict[str, dict] | None = None, mri_b: dict[str, dict] | None = None,
-               signals_a: ParentSignals | None = None, signals_b: ParentSignals | None = None) -> MergePlan:
-    """Check the inputs and fix each tensor's kind, block and genome ratio; nothing is read or written yet."""
+               signals_a: ParentSignals | None = None, signals_b: ParentSignals | None = None,
+               strict: bool = False) -> MergePlan:
+    """Check the inputs and fix each tensor's kind, block and genome ratio, and which tensors one parent alone holds
+    (carried from it: the child keeps every tensor of both); nothing is read or written yet. `strict` refuses any
+    difference between the parents (`check_compatible`)."""
     spec = METHODS.get(method)
     if spec is None:
         raise DarwinError(f"unknown merge method {method!r} (choose from {', '.join(METHODS)})")
@@ -177,12 +188,18 @@ def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: s
         raise DarwinError(f"method {method} needs a {spec.genome} genome, got a {genome.version} genome")
     if spec.needs_base and base is None:
         raise DarwinError(f"method {method} needs the shared base model (--base)")
-    check_compatible(father, mother, base)
+    check_compatible(father, mother, base, strict)
     layers = father.num_layers
     tensors = []
     for name, info in father.tensors.items():
         kind, block = father.kind(name)
-        tensors.append(TensorPlan(name, info.shard, kind, block, genome.ratio(kind, block, layers)))
+        tensors.append(TensorPlan(name, info.shard, kind, block, genome.ratio(kind, block, layers),
+                                  None if name in mother.tensors else "father"))
+    last_shard = tensors[-1].shard if tensors else "model.safetensors"
+    for name in mother.tensors:
+        if name not in father.tensors:
+            kind, block = mother.kind(name)
+            tensors.append(TensorPlan(name, last_shard, kind, block, genome.ratio(kind, block, layers), "mother"))
     return MergePlan(method, genome, father, mother, base, tensors, mri_a or {}, mri_b or {},
                      signals_a or ParentSignals(), signals_b or ParentSignals())
 
@@ -199,6 +216,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
     """The merged raw bits of one tensor from its parents' raw bits (`Checkpoint.read_array`)."""
     genome, spec = plan.genome, METHODS[plan.method]
     code = plan.father.tensors[tp.name].dtype
+    codes = (code, plan.mother.tensors[tp.name].dtype, plan.base.tensors[tp.name].dtype if base is not None else code)
     density_a, density_b = genome["density_a"], genome["density_b"]
     blend = genome.merge_method_weight()
     seed = masks.tensor_seed(genome.hash, tp.name)
@@ -207,7 +225,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
     out = ring.take(a.size, a.dtype) if ring is not None else np.empty(a.size, dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
     # raw bits in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
-    direct = fused and code in KERNEL_DTYPES and blend == 1.0
+    direct = fused and code in KERNEL_DTYPES and blend == 1.0 and set(codes) == {code}
     workers = cpu_threads()
     chunk = direct_chunk(a.size, workers) if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
     if direct:
@@ -218,9 +236,9 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
     else:
         import torch
 
-        dtype = torch_dtype(code)
-        out_t, a_t, b_t = (to_torch(x, code) for x in (out, flat_a, flat_b))
-        base_t = to_torch(flat_base, code) if flat_base is not None else None
+        dtype = torch_dtype(code)  # the father's: parents that differ in dtype merge in float32, stored as his
+        out_t, a_t, b_t = to_torch(out, code), to_torch(flat_a, code), to_torch(flat_b, codes[1])
+        base_t = to_torch(flat_base, codes[2]) if flat_base is not None else None
 
         def merge_chunk(start: int) -> None:
             stop = min(a.size, start + chunk)
@@ -261,11 +279,13 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, 
     """One output tensor's raw bits and its merge-report entry, from the parents' raw bits (`stats`: both parents'
     `parent_stats`, computed here when not given; `ring`: where merged values go, else fresh memory)."""
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
-    code = plan.father.tensors[tp.name].dtype
+    if tp.carried:
+        return (a if tp.carried == "father" else b), {**row, "carried": tp.carried}
+    code, code_b = plan.father.tensors[tp.name].dtype, plan.mother.tensors[tp.name].dtype
     if code not in FLOAT_DTYPES:
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
     stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, code, device),
-                                 parent_stats(plan.mri_b, tp.name, b, code, device))
+                                 parent_stats(plan.mri_b, tp.name, b, code_b, device))
     ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
@@ -279,7 +299,7 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, 
     if chosen == "father":
         return a, row
     if chosen == "mother":
-        return b, row
+        return (b if code_b == code else to_raw(to_torch(b, code_b).to(torch_dtype(code)))), row
     return _merge_values(plan, tp, a, b, base, final, device, ring), row
 
 
@@ -294,11 +314,12 @@ def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") 
             return None
         return parent_stats(profile, name, checkpoint.read_array(name), code, device)
 
-    jobs = [(parent, profile, tp.name) for tp in todo
+    shared = [tp for tp in todo if not tp.carried]
+    jobs = [(parent, profile, tp.name) for tp in shared
             for parent, profile in ((plan.father, plan.mri_a), (plan.mother, plan.mri_b))]
     with ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="darwin-stats") as pool:
         found = list(pool.map(stats, jobs))
-    return {tp.name: (found[2 * i], found[2 * i + 1]) for i, tp in enumerate(todo)}
+    return {tp.name: (found[2 * i], found[2 * i + 1]) for i, tp in enumerate(shared)}
 
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
@@ -309,9 +330,10 @@ def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str 
     todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
     stats = parents_stats(plan, todo, device)
     for tp in todo:
-        a, b = plan.father.read_array(tp.name), plan.mother.read_array(tp.name)
-        base = plan.base.read_array(tp.name) if plan.base is not None else None
-        tensor, row = merge_tensor(plan, tp, a, b, base, device, stats[tp.name], ring)
+        a = plan.father.read_array(tp.name) if tp.carried != "mother" else None
+        b = plan.mother.read_array(tp.name) if tp.carried != "father" else None
+        base = plan.base.read_array(tp.name) if plan.base is not None and not tp.carried else None
+        tensor, row = merge_tensor(plan, tp, a, b, base, device, stats.get(tp.name), ring)
         yield tp.name, tensor, row
 
 
@@ -343,7 +365,7 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-write") as write_pool:
             last_write = None
             for shard in plan.shards:
-                specs = [(tp.name, plan.father.tensors[tp.name].dtype, plan.father.tensors[tp.name].shape)
+                specs = [(tp.name, plan.source(tp).dtype, plan.source(tp).shape)
                          for tp in plan.tensors if tp.shard == shard]
                 stream = writer.shard(shard, specs)
                 for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device, ring):
@@ -363,18 +385,42 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
         raise
 
 
+def parameter_names(model: torch.nn.Module, names: list[str]) -> dict[str, str | None]:
+    """Checkpoint tensor name -> the model's parameter it loads into, by transformers' own conversion rules for that
+    model (the renames `from_pretrained` applies, e.g. a release's `model.language_model.*` onto the `model.*` of
+    the text model AutoModelForCausalLM builds); None where the model builds no such parameter (a vision tower,
+    MTP) or only through a weight conversion (experts stored per expert, fused in the model)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    placed = {}
+    for name in names:
+        target, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        placed[name] = target if converted is None and target in state else None
+    return placed
+
+
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
-    """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory)."""
+    """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory). Tensors the
+    model does not build (UNBUILT_KINDS) do not change its fitness and are merged only on disk; the father's own
+    tensors are already the skeleton's."""
     import torch
 
     state = model.state_dict()
-    missing = [tp.name for tp in plan.tensors if tp.name not in state]
+    placed = parameter_names(model, [tp.name for tp in plan.tensors])
+    missing = [tp.name for tp in plan.tensors if placed[tp.name] is None and tp.kind not in UNBUILT_KINDS]
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
+    by_name = {tp.name: tp for tp in plan.tensors}
+    wanted = [tp.name for tp in plan.tensors if placed[tp.name] is not None and tp.carried != "father"]
     rows = {}
     with torch.no_grad():
-        for name, raw, row in merged_tensors(plan, device=device):
-            state[name].copy_(to_torch(raw, plan.father.tensors[name].dtype))
+        for name, raw, row in merged_tensors(plan, wanted, device=device):
+            state[placed[name]].copy_(to_torch(raw, plan.source(by_name[name]).dtype))
             rows[name] = row
     return rows
 

@@ -2,7 +2,11 @@
 
     darwin merge --father A --mother B --genome GENOME.json --method darwin-v5|darwin-v6|dare-ties [--base C]
                  [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
-                 [--device cpu|cuda] --out OUT
+                 [--device cpu|cuda] [--strict] --out OUT
+
+Parents laid out differently merge by SPEC's pairing rules (a tensor one parent alone holds is carried from it,
+dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
+difference.
 
 This command calls the engine directly: on CPU it imports neither Prefect nor torch nor pandas, so it starts in
 about 0.1 s; the evolution flow runs the same engine through `tasks.merge.merge_child`.
@@ -33,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse parents that differ at all (tensor names, dtypes, architectures)")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -41,13 +47,15 @@ def command(args: argparse.Namespace) -> int:
         Checkpoint(args.father), Checkpoint(args.mother), genome, args.method,
         base=Checkpoint(args.base) if args.base else None,
         mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
-        signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother),
+        signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother), strict=args.strict,
     )
     out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite)
     report = json.loads((out / "merge_report.json").read_text())
-    transplants = sum(1 for row in report["tensors"].values() if row["transplant"])
+    rows = report["tensors"].values()
+    transplants = sum(1 for row in rows if row.get("transplant"))
+    carried = {role: sum(1 for row in rows if row.get("carried") == role) for role in ("father", "mother")}
     print(f"{out}  genome {genome.hash[:12]}  {len(report['tensors'])} tensors, {transplants} transplanted, "
-          f"{report['seconds']} s")
+          f"carried {carried['father']} from the father and {carried['mother']} from the mother, {report['seconds']} s")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -135,6 +136,55 @@ def mtp_tensors(hidden: int = 64, seed: int = 0, dtype=torch.bfloat16) -> dict:
         "mtp.layers.0.input_layernorm.weight": (hidden,),
     }
     return {name: (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in shapes.items()}
+
+
+# Official Qwen3.5 releases keep these in float32 (the rest bf16); transformers-saved fine-tunes store them bf16
+FLOAT32_IN_RELEASES = re.compile(r"linear_attn\.(A_log|norm\.weight)$")
+
+
+def official_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
+    """A Qwen3.5 vision-language release as the hub stores it, written straight with safetensors (no transformers
+    save): `model.language_model.*`, `model.visual.*` and `mtp.*`, bf16 with float32 A_log and linear-attention
+    norms, in several shards with an index, the config and the demo's character tokenizer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from darwin.demo.tokenizer import build_tokenizer
+
+    model = build("qwen3_5", seed=seed, dtype=torch.float32)
+    tensors = {name: tensor.to(torch.float32 if FLOAT32_IN_RELEASES.search(name) else torch.bfloat16).contiguous()
+               for name, tensor in model.state_dict().items()}
+    tensors.update(mtp_tensors(seed=seed))
+    path.mkdir(parents=True)
+    names = sorted(tensors)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[k * len(names) // shards:(k + 1) * len(names) // shards]
+        save_file({name: tensors[name] for name in part}, path / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=2))
+    config = model.config.to_dict()
+    config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def fine_tune_of(release: Path, path: Path, seed: int, wrapper=None) -> Path:
+    """A fine-tune of `release` as a training script leaves it: loaded by transformers (AutoModelForCausalLM, or
+    `wrapper`), its weights moved, saved with save_pretrained (no mtp.*, float32 tensors stored bf16; the text
+    class also drops the vision tower and names itself Qwen3_5ForCausalLM)."""
+    from darwin.demo.tokenizer import build_tokenizer
+
+    model = (wrapper or tf.AutoModelForCausalLM).from_pretrained(release, dtype=torch.bfloat16)
+    perturbed(model, seed, scale=0.02)
+    model.save_pretrained(path, max_shard_size="200KB")
+    build_tokenizer().save_pretrained(path)
+    return path
 
 
 def perturbed(model, seed: int, scale: float = 0.02):

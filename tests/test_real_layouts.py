@@ -1,0 +1,116 @@
+"""An official Qwen3.5 release (written straight with safetensors in the hub's layout) with a fine-tune of it saved by
+transformers, the pair users really have: the pairing rules of SPEC "Real checkpoints" in the merge, and Phase 2
+in memory on that layout."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pico
+import pytest
+import torch
+import transformers as tf
+
+from darwin.checkpoint import Checkpoint
+from darwin.errors import DarwinError
+from darwin.genome import Genome
+from darwin.merge import merge_into_model, merge_to_dir, plan_merge
+
+V5 = {"global_ratio": 0.5, "attn_ratio": 0.45, "ffn_ratio": 0.55, "embed_ratio": 0.5, "density_a": 0.9,
+      "density_b": 0.9}
+V6 = {**V5, "block_0": 0.5, "block_1": 0.55, "mri_trust": 0.3, "merge_method_weight": 0.8}
+
+
+@pytest.fixture(scope="module")
+def release_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    release = pico.official_release(root / "release")
+    return {"release": release,
+            "text": pico.fine_tune_of(release, root / "fine-tune-text", seed=1),
+            "vl": pico.fine_tune_of(release, root / "fine-tune-vl", seed=2,
+                                    wrapper=tf.Qwen3_5ForConditionalGeneration)}
+
+
+@pytest.mark.parametrize("wrapper", ["text", "vl"])
+@pytest.mark.parametrize("method", ["darwin-v5", "darwin-v6", "dare-ties"])
+def test_a_release_merges_with_its_transformers_saved_fine_tune(release_pair, tmp_path, wrapper, method):
+    father, mother = Checkpoint(release_pair["release"]), Checkpoint(release_pair[wrapper])
+    genome = Genome.from_dict(V5 if method == "darwin-v5" else V6)
+    base = father if method == "dare-ties" else None
+    child = Checkpoint(merge_to_dir(plan_merge(father, mother, genome, method, base=base), tmp_path / "child"))
+    # every tensor of the father, in his dtype (float32 A_log and norms stay float32)
+    assert {n: i.dtype for n, i in child.tensors.items()} == {n: i.dtype for n, i in father.tensors.items()}
+    assert child.config == father.config
+    report = json.loads((child.path / "merge_report.json").read_text())["tensors"]
+    only_father = sorted(n for n in father.tensors if n not in mother.tensors)
+    assert only_father and all(n.startswith(("mtp.", "model.visual.")) for n in only_father)
+    assert any(n.startswith("mtp.") for n in only_father)
+    assert (wrapper == "text") == any(n.startswith("model.visual.") for n in only_father)
+    for name in only_father:  # carried byte for byte, and reported
+        assert report[name]["carried"] == "father"
+        assert np.array_equal(child.read_array(name), father.read_array(name))
+    shared = [n for n in father.tensors if n in mother.tensors]
+    dtype_only = [n for n in shared if father.tensors[n].dtype != mother.tensors[n].dtype]
+    assert dtype_only and all("linear_attn" in n for n in dtype_only)
+    merged = [n for n in shared if not report[n].get("transplant")
+              and not np.array_equal(child.read_array(n), father.read_array(n))
+              and not np.array_equal(child.read_array(n), mother.read_array(n))]
+    assert len(merged) > len(shared) // 2
+    if method != "dare-ties":  # dare-ties on base = father adds the mother's delta: dtype-only tensors move too
+        assert any(n in merged for n in dtype_only)
+    # the child loads with the father's architecture class and generates
+    model = getattr(tf, father.config["architectures"][0]).from_pretrained(child.path)
+    tokens = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (1, 7)
+
+
+def test_strict_refuses_every_difference_and_a_quantized_parent_is_refused(release_pair, tmp_path):
+    father, mother = Checkpoint(release_pair["release"]), Checkpoint(release_pair["text"])
+    with pytest.raises(DarwinError) as error:
+        plan_merge(father, mother, Genome.from_dict(V5), "darwin-v5", strict=True)
+    message = str(error.value)
+    assert "architectures" in message and "only in father" in message and "\n" not in message
+    quantized = tmp_path / "quantized"
+    shutil.copytree(release_pair["text"], quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DarwinError, match="quantized"):
+        plan_merge(father, Checkpoint(quantized), Genome.from_dict(V5), "darwin-v5")
+    assert not (tmp_path / "child").exists()
+
+
+def test_phase2_merges_into_the_text_model_transformers_builds_from_a_release(release_pair):
+    father, mother = Checkpoint(release_pair["release"]), Checkpoint(release_pair["text"])
+    model = tf.AutoModelForCausalLM.from_pretrained(father.path, dtype=torch.bfloat16)
+    assert type(model).__name__ == "Qwen3_5ForCausalLM" and "model.embed_tokens.weight" in model.state_dict()
+    plan = plan_merge(father, mother, Genome.from_dict(V6), "darwin-v6")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = merge_into_model(plan, model)
+    assert rows and not any(name.startswith(("mtp.", "model.visual.")) for name in rows)
+    on_disk = merge_to_dir(plan, release_pair["release"].parent / "phase2-reference")
+    child = tf.AutoModelForCausalLM.from_pretrained(on_disk, dtype=torch.bfloat16).state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    for key, value in model.state_dict().items():  # what Phase 2 scores is the child written to disk
+        assert torch.equal(value, child[key].to(value.dtype)), key
+
+
+@pytest.mark.slow
+def test_evolution_on_a_release_and_its_fine_tune(prefect_api, release_pair, pico_family, tmp_path):
+    from darwin.config import parse_config
+    from flows import evolve
+
+    config = parse_config({
+        "father": str(release_pair["release"]), "mother": str(release_pair["text"]), "method": "darwin-v6",
+        "genome": "v6", "blocks": 2, "seed": 1, "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
+        "phase2": {"steps": 2, "popsize": 3, "tasks": [str(pico_family["task"])], "device": "cpu"}})
+    summary = evolve.run_evolution(config, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
+    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert (history["phase"] == 2).sum() == 6 and not history["failed"].any()
+    assert (tmp_path / "run" / "probes" / "father" / "probes.parquet").exists()
+    best = Checkpoint(summary["best_dir"])
+    assert set(best.tensors) == set(Checkpoint(release_pair["release"]).tensors)
+    assert summary["health"] == "pass"
+    assert summary["heldout"]["questions"] == 12
