@@ -406,13 +406,16 @@ def parameter_names(model: torch.nn.Module, names: list[str]) -> dict[str, str |
 
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
     """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory). Tensors the
-    model does not build (UNBUILT_KINDS) do not change its fitness and are merged only on disk; the father's own
-    tensors are already the skeleton's."""
+    model does not build (UNBUILT_KINDS) do not change its fitness and are merged only on disk; the tensors the
+    father alone holds are already the skeleton's."""
     import torch
 
     state = model.state_dict()
     placed = parameter_names(model, [tp.name for tp in plan.tensors])
-    missing = [tp.name for tp in plan.tensors if placed[tp.name] is None and tp.kind not in UNBUILT_KINDS]
+    # a tensor the father alone holds and the model does not build (a release's k/v of Gemma 4's kv-shared layers)
+    # cannot change what the skeleton computes either
+    missing = [tp.name for tp in plan.tensors if placed[tp.name] is None and tp.kind not in UNBUILT_KINDS
+               and tp.carried != "father"]
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
     by_name = {tp.name: tp for tp in plan.tensors}

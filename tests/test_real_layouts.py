@@ -114,3 +114,18 @@ def test_evolution_on_a_release_and_its_fine_tune(prefect_api, release_pair, pic
     assert set(best.tensors) == set(Checkpoint(release_pair["release"]).tensors)
     assert summary["health"] == "pass"
     assert summary["heldout"]["questions"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mfp4"])
+def test_release_formats_keep_what_they_do_not_quantize_as_the_release_holds_it(release_pair, tmp_path, scheme):
+    from darwin.quantize import quantize
+
+    release = Checkpoint(release_pair["release"])
+    out = Checkpoint(quantize(release.path, scheme, tmp_path / scheme, device="cpu"))
+    report = json.loads((out.path / "roundtrip.json").read_text())
+    assert report["kept_identical"] and report["kept"]
+    float32 = [n for n, info in release.tensors.items() if info.dtype == "F32"]
+    assert float32 and all(n in report["kept"] and out.tensors[n].dtype == "F32" for n in float32)
+    for name in report["kept"]:
+        assert np.array_equal(out.read_array(name), release.read_array(name)), name

@@ -9,6 +9,7 @@ asking for nvfp4a16 never pays for importing ModelOpt.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from darwin.checkpoint import Checkpoint
@@ -57,5 +58,9 @@ def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, cali
         path = quantize_nvfp4a16(model, out)
     from darwin.quantize.roundtrip import roundtrip_report
 
-    roundtrip_report(Checkpoint(model).path, path, scheme)
+    report = roundtrip_report(Checkpoint(model).path, path, scheme)
+    if not report["kept_identical"]:
+        shutil.rmtree(path)
+        raise DarwinError(f"{scheme} changed {len(report['kept_changed'])} tensors it should keep as they are "
+                          f"(e.g. {report['kept_changed'][0]}): nothing written to {path}")
     return path

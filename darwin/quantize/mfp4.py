@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from darwin.checkpoint import Checkpoint, CheckpointWriter, copy_side_files
+from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
 from darwin.probes import load_probes
 from darwin.quantize import check_source
@@ -134,14 +134,20 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
 
 def _finish(ckpt: Checkpoint, staging: Path, out: Path) -> Path:
     """Check that every source tensor is in the export (as itself or its packed NVFP4 form) and move it into
-    place atomically, with the source's tokenizer and processor files beside ModelOpt's config."""
+    place atomically, the tensors left unquantized as the source holds them, with the source's tokenizer and
+    processor files beside ModelOpt's config."""
     exported = Checkpoint(staging)
     missing = [name for name in ckpt.tensors if name not in exported.tensors]
     if missing:
         raise DarwinError(f"ModelOpt's export lost {len(missing)} tensors of {ckpt.path}: {', '.join(missing[:5])}")
     with CheckpointWriter(out, max_shard_bytes=4 << 30) as writer:
-        for name in exported.tensors:
-            writer.add(name, exported.read(name))
+        for name, info in exported.tensors.items():
+            source = ckpt.tensors.get(name)
+            # ModelOpt exports what it left unquantized in the dtype the model was loaded in (bf16): such a tensor
+            # (same name and shape as in the source; a quantized weight is packed to another shape) is the source's
+            # own bytes, in its own dtype (a release's float32 A_log and norms stay float32)
+            kept = source is not None and source.shape == info.shape and info.dtype in FLOAT_DTYPES
+            writer.add(name, ckpt.read(name) if kept else exported.read(name))
         copy_side_files(ckpt.path, writer.tmp)
         copy_side_files(staging, writer.tmp)
     return out
