@@ -5,6 +5,7 @@ merge retries, and the compose file."""
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -306,6 +307,47 @@ def test_sample_configs_are_valid_run_configs():
     for deployment in scheduled:
         path = deployment["parameters"].get("config_path")
         assert path is None or (ROOT / path).exists(), deployment["name"]
+
+
+def compose_with(env_file: Path) -> dict:
+    """infra/compose.yaml with ${NAME}, ${NAME:-default} and ${NAME:?message} filled as compose fills them from
+    `env_file` (YAML merge keys resolved), without a Docker engine."""
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+
+    def fill(match):
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if values.get(name):
+            return values[name]
+        assert op != ":?", f"{name} is required and {env_file.name} does not set it"
+        return rest if op == ":-" else ""
+
+    text = re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", fill, (ROOT / "infra" / "compose.yaml").read_text())
+    return yaml.safe_load(text.replace("$$", "$"))
+
+
+def test_compose_stack_is_safe_by_default():
+    sample = ROOT / "infra" / "env.sample"
+    services = compose_with(sample)["services"]
+    root_keys = {line.split("=", 1)[1] for line in sample.read_text().splitlines()
+                 if line.startswith(("MINIO_ROOT_USER=", "MINIO_ROOT_PASSWORD="))}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)  # published on this host only
+        assert "8265" not in " ".join(str(p) for p in service.get("ports", [])), name  # no Ray dashboard
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+        env = service.get("environment", {})
+        if "PREFECT_API_URL" in env:  # every Prefect client authenticates, and no worker holds MinIO's root keys
+            assert env["PREFECT_API_AUTH_STRING"] == services["prefect-server"]["environment"][
+                "PREFECT_SERVER_API_AUTH_STRING"] != ""
+            assert not {env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]} & root_keys, name
+    assert "127.0.0.1" in services["ray-head"]["command"][services["ray-head"]["command"].index("--dashboard-host") + 1]
+    assert "mc admin user add" in services["minio-setup"]["command"][0]
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert 'pip install "vllm==$VLLM_VERSION"' in dockerfile and "pip install vllm;" not in dockerfile
 
 
 def test_compose_file_is_valid(tmp_path):
