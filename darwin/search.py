@@ -82,9 +82,10 @@ class Search:
 
     def follow_on(self, popsize: int, sigma0: float, best: list[list[float]]) -> Search:
         """The next phase (SPEC "Search and scoring"): a fresh covariance centred on this phase's best genome
-        (`best[0]`) with step size max(this phase's sigma, `sigma0`), and a first generation that evaluates the
-        `best` distinct genomes as they are, at most half of it (none: from this phase's mean). A Phase 1 of 200 x 20 ends at sigma ~1e-3: carried
-        over as it was, Phase 2's real merges were one genome to three decimals."""
+        (`best[0]`; with none, this phase's mean) with step size max(this phase's sigma, `sigma0`), and a first
+        generation that evaluates the `best` distinct genomes as they are, at most half of it. A Phase 1 of
+        200 x 20 ends at sigma ~1e-3: carried over as it was, Phase 2's real merges were one genome to three
+        decimals."""
         return Search(self.version, self.blocks, popsize, self.seed + 1000, x0=list(best[0]) if best else self.mean,
                       sigma0=max(self.sigma, sigma0), inject=[list(x) for x in best[:popsize // 2]])
 

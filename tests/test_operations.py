@@ -268,12 +268,13 @@ def test_first_runs_start_on_a_busy_machine(pico_checkpoint, tmp_path):
         for attempt in range(3):
             home = tmp_path / f"home{attempt}"
             started = time.perf_counter()
-            done = subprocess.run([str(BIN / "darwin"), "profile", str(model), "--out", str(tmp_path / f"mri{attempt}")],
+            out = tmp_path / f"mri{attempt}"
+            done = subprocess.run([str(BIN / "darwin"), "profile", str(model), "--out", str(out)],
                                   env={**env, "PREFECT_HOME": str(home), "HOME": str(home)}, capture_output=True,
                                   text=True, timeout=600, check=False)
             print(f"first run {attempt}: exit {done.returncode} in {time.perf_counter() - started:.1f} s")
             assert done.returncode == 0, done.stderr[-3000:]
-            assert (tmp_path / f"mri{attempt}" / "mri.parquet").exists()
+            assert (out / "mri.parquet").exists()
     finally:
         for loop in busy:
             loop.kill()

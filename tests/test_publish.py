@@ -98,9 +98,10 @@ def run_dir(tmp_path, pico_checkpoint):
         "method": "darwin-v5", "genome": GENOME, "genome_hash": "f00d" * 16,
         "parents": {"father": "/cache/models--org--father-9b/snapshots/abc", "mother": "/models/mother", "base": None},
         "tensors": {}}))
-    (run / "summary.json").write_text(json.dumps({"heldout": {
-        "split": "test", "questions": 400, "scores": SCORES, "fitness": {"father": 0.465, "mother": 0.465, "child": 0.65},
-        "p_values": {"father": 0.012, "mother": 0.031}}, "genome": GENOME, "genome_hash": "f00d" * 16}))
+    heldout = {"split": "test", "questions": 400, "scores": SCORES,
+               "fitness": {"father": 0.465, "mother": 0.465, "child": 0.65},
+               "p_values": {"father": 0.012, "mother": 0.031}}
+    (run / "summary.json").write_text(json.dumps({"heldout": heldout, "genome": GENOME, "genome_hash": "f00d" * 16}))
     pd.DataFrame({"phase": [1, 1, 1, 2, 2], "generation": [0, 0, 1, 0, 0], "fitness": [0.1, 0.3, 0.2, 0.6, 0.65],
                   "genome_hash": list("abcde")}).to_parquet(run / "history.parquet")
     (run / "health").mkdir()
