@@ -47,18 +47,35 @@ class Parents:
 
 
 class FitnessCache:
-    def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else DEFAULT_CACHE
+    """One JSON entry per key in a directory or at any fsspec URL (`s3://bucket/prefix`: the nodes of a Ray cluster
+    then share one cache). Every entry appears whole or not at all: a local one is written under a temporary name
+    and renamed, an object store's PUT is atomic per object."""
+
+    def __init__(self, location: str | Path | None = None):
+        from fsspec.implementations.local import LocalFileSystem
+
+        from darwin.publish import open_destination
+
+        self.location = str(location or DEFAULT_CACHE)
+        self.fs, self.root = open_destination(self.location)
+        self.local = isinstance(self.fs, LocalFileSystem)
 
     def get(self, key: str) -> dict | None:
-        path = self.directory / f"{key}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{key}.json"))
+        except FileNotFoundError:
+            return None
 
     def put(self, key: str, record: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{key}.{uuid.uuid4().hex[:6]}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.directory / f"{key}.json")
+        data, path = json.dumps(record).encode(), f"{self.root}/{key}.json"
+        if not self.local:
+            self.fs.pipe_file(path, data)
+            return
+        directory = Path(self.root)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{key}.{uuid.uuid4().hex[:6]}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
 
 
 class _Worker(threading.local):

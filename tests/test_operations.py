@@ -175,6 +175,27 @@ def test_evolution_on_a_real_server_shows_its_dag_artifacts_and_results(server, 
 
 
 @pytest.mark.slow
+def test_a_fitness_cache_on_s3_serves_every_run(prefect_api, s3_results, pico_family, tmp_path, monkeypatch):
+    """The cache at an S3 URL (moto's server here; MinIO or S3 on a cluster): a second run on another machine's
+    disk evaluates nothing, and the bucket holds whole entries only."""
+    import darwin.fitness
+    from flows import evolve
+
+    for name, value in s3_results.items():
+        monkeypatch.setenv(name, value)
+    config = config_for(pico_family, phase1__steps=0, phase2__steps=1)
+    cache = "s3://darwin-results/fitness-cache"
+    first = evolve.run_evolution(config, tmp_path / "one", cache_dir=cache)
+    calls = []
+    real = darwin.fitness.merge_into_model
+    monkeypatch.setattr(darwin.fitness, "merge_into_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = evolve.run_evolution(config, tmp_path / "two", cache_dir=cache)
+    assert calls == [] and second["best"] == first["best"]
+    client = boto3.client("s3", endpoint_url=s3_results["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="darwin-results", Prefix="fitness-cache/")["Contents"]]
+    assert len(keys) == 3 and all(key.endswith(".json") and "/." not in key for key in keys)
+
+
 def test_register_deploy_and_run_once_through_a_process_worker(server, pico_family, tmp_path):
     started = time.perf_counter()
     server.run("infra/register.sh", env={"DARWIN_GPU_POOL_TYPE": "kubernetes", "DARWIN_GPUS": "3"})
