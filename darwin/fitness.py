@@ -30,6 +30,9 @@ from darwin.runtime import CACHE_ROOT, load_pretrained
 # answer (continuous) rather than accuracy on so few questions.
 MEASURED_LIMIT = 16
 DEFAULT_CACHE = CACHE_ROOT / "fitness"
+# Part of every cache key: bump when a cached record gains or changes a field (a record without `margins` broke the
+# measured proxy of a later darwin)
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -132,14 +135,14 @@ def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size:
 
 def run_inputs(parents: Parents) -> dict[str, str | None]:
     """What a run's every fitness depends on besides genome and tasks: the parents' content, the method, the probe
-    and routing tables the prescription reads, and the version of the prescription rules."""
+    and routing tables the prescription reads, the version of the prescription rules and of the record."""
     paths = {"father": parents.father, "mother": parents.mother, "base": parents.base}
     inputs = {role: Checkpoint(path).fingerprint() for role, path in paths.items() if path}
     for role, directory in (("father", parents.probes_father), ("mother", parents.probes_mother)):
         for table in ("probes", "routing"):
             path = Path(directory, f"{table}.parquet") if directory else None
             inputs[f"{table}_{role}"] = content_sha256(path) if path and path.is_file() else None
-    return {**inputs, "method": parents.method, "rules": str(RULES_VERSION)}
+    return {**inputs, "method": parents.method, "rules": str(RULES_VERSION), "record": str(RECORD_VERSION)}
 
 
 def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | None = None, batch_size: int = 8,

@@ -1,8 +1,16 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# darwin's cache (fitness results, content hashes, fetched models) of this session only: the user's cache may hold
+# records of another darwin, and the suite must not leave its own behind
+os.environ["DARWIN_CACHE"] = tempfile.mkdtemp(prefix="darwin-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DARWIN_CACHE"], ignore_errors=True)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
