@@ -166,8 +166,9 @@ def _margin(task, sample: dict, metric: str) -> float:
     lls = [float(response[0]) for response in sample["filtered_resps"]]
     if metric == "acc_norm":
         lls = [ll / max(1, len(choice)) for ll, choice in zip(lls, task.doc_to_choice(sample["doc"]), strict=True)]
-    gold = sample["target"]
-    return lls[gold] - max(ll for index, ll in enumerate(lls) if index != gold)
+    golds = {int(g) for g in (sample["target"] if isinstance(sample["target"], list) else [sample["target"]])}
+    wrong = [ll for index, ll in enumerate(lls) if index not in golds]
+    return max(lls[g] for g in golds) - max(wrong) if wrong else 0.0
 
 
 @contextmanager

@@ -65,8 +65,9 @@ def toy_task(tmp_path):
 
 def reference_predictions(model, tokenizer, rows):
     """lm-eval's multiple-choice scoring, computed directly: the loglikelihood of " " + choice after the prompt,
-    argmax raw (acc) and divided by the choice's length in characters (acc_norm, as lm-eval 0.4.13 defines it)."""
-    acc, acc_norm = [], []
+    argmax raw (acc) and divided by the choice's length in characters (acc_norm, as lm-eval 0.4.13 defines it), and
+    the right answer's per-character margin over the best wrong one."""
+    acc, acc_norm, margins = [], [], []
     for question, choices, gold in rows:
         context = f"Question: {question}\nAnswer:"
         n_context = len(tokenizer(context).input_ids)
@@ -79,18 +80,23 @@ def reference_predictions(model, tokenizer, rows):
         lls = [sum(logprobs[j, i - 1, ids[i]].item() for i in range(n_context, len(ids))) for j, ids in enumerate(seqs)]
         acc.append(max(range(len(choices)), key=lambda j: lls[j]) == gold)
         acc_norm.append(max(range(len(choices)), key=lambda j: lls[j] / len(choices[j])) == gold)
-    return acc, acc_norm
+        norm = [ll / len(choice) for ll, choice in zip(lls, choices)]
+        margins.append(norm[gold] - max(v for j, v in enumerate(norm) if j != gold))
+    return acc, acc_norm, margins
 
 
 def test_evaluate_matches_direct_acc_norm(model, tokenizer, toy_task):
     result = evaluate(model, tokenizer, [toy_task], batch_size=4)
-    acc, acc_norm = reference_predictions(model, tokenizer, TOY)
+    acc, acc_norm, margins = reference_predictions(model, tokenizer, TOY)
     assert acc != acc_norm, "the toy set should make length normalisation matter"
     assert 0 < sum(acc_norm) < len(TOY), "the toy set should have right and wrong answers"
     assert result.per_question == {"toy": acc_norm}
     assert result.scores == {"toy": pytest.approx(sum(acc_norm) / len(TOY))}
     assert result.fitness == pytest.approx(result.scores["toy"])
     assert result.seconds > 0
+    # the measured proxy's margins: lm-eval's own log-likelihoods per character, right answer against the best wrong
+    assert result.margins["toy"] == pytest.approx(margins, abs=1e-4)
+    assert [m > 0 for m in result.margins["toy"]] == acc_norm
 
 
 def test_limit_and_two_tasks_average(model, tokenizer, toy_task, tmp_path):
@@ -98,8 +104,8 @@ def test_limit_and_two_tasks_average(model, tokenizer, toy_task, tmp_path):
         "toy_rev", {"validation": write_toy(tmp_path / "rev.jsonl", TOY[::-1])}, tmp_path / "tasks")
     tasks = TaskSet([toy_task, other])
     result = evaluate(model, tokenizer, tasks, limit=4)
-    _, toy_norm = reference_predictions(model, tokenizer, TOY[:4])
-    _, rev_norm = reference_predictions(model, tokenizer, TOY[::-1][:4])
+    _, toy_norm, _ = reference_predictions(model, tokenizer, TOY[:4])
+    _, rev_norm, _ = reference_predictions(model, tokenizer, TOY[::-1][:4])
     assert result.per_question == {"toy": toy_norm, "toy_rev": rev_norm}
     assert result.fitness == pytest.approx((sum(toy_norm) + sum(rev_norm)) / 8)
     assert evaluate(model, tokenizer, tasks, limit=4).per_question == result.per_question  # TaskSet reused
