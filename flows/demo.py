@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from darwin.config import parse_config
 from darwin.demo import run as demo
-from darwin.demo.parents import build_parents, parents_stamp, shipped_parents
+from darwin.demo.parents import SHIPPED, build_parents, parents_stamp, shipped_parents
 from darwin.demo.skills import write_skill_tasks
 from darwin.errors import DarwinError
 from darwin.report import write_json
@@ -35,7 +35,7 @@ DEFAULT_CACHE = CACHE_ROOT / "demo"
 @task(task_run_name="build-demo-parents", cache_policy=NO_CACHE)
 def build_demo_parents(directory: str | None) -> dict[str, Path]:
     """The recipe and seed of the shipped parents, trained afresh into `directory` (default: the cache)."""
-    seed = parents_stamp(shipped_parents())["seed"]
+    seed = parents_stamp(SHIPPED)["seed"]
     return build_parents(directory or DEFAULT_CACHE / f"seed{seed}", seed=seed)
 
 

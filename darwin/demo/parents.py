@@ -40,6 +40,7 @@ from darwin.errors import DarwinError
 
 CODE_VERSION = 4  # bump when a change to this package changes the parents' bytes
 TRAINED = Path(__file__).parent / "trained"  # the shipped parents, with their parents.json
+SHIPPED = {name: TRAINED / name for name in ("base", "father", "mother")}
 TRACE_STEPS = 5  # first losses of each training kept in parents.json
 # Training's thread counts are part of the recipe: another count sums floats in another order, and the bytes
 # would depend on the machine's cores. The base trains on two (1.75x one), the two fine-tunes on one each.
@@ -184,12 +185,11 @@ def parents_stamp(parents: dict[str, Path]) -> dict:
 
 def shipped_parents() -> dict[str, Path]:
     """The parents the package ships, checked to be this recipe's (CODE_VERSION and Recipe's defaults)."""
-    paths = {name: TRAINED / name for name in ("base", "father", "mother")}
-    stamp = parents_stamp(paths)
+    stamp = parents_stamp(SHIPPED)
     if stamp["key"] != recipe_key(stamp["seed"], Recipe()):
         raise DarwinError(f"the demo parents in {TRAINED} were made by another recipe than this code's: run "
                           "`darwin demo --rebuild-parents` (and ship its parents)")
-    return paths
+    return dict(SHIPPED)
 
 
 def replay_trace(parents: dict[str, Path], steps: int = TRACE_STEPS) -> dict[str, list[float]]:
