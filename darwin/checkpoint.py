@@ -525,8 +525,9 @@ class CheckpointWriter:
 
 
 def copy_side_files(source: Path, dest: Path) -> None:
-    """Config, tokenizer, generation and processor files: every top-level file that is not weights or index."""
+    """Config, tokenizer, generation and processor files: every top-level file that is not weights or index, nor
+    the source's model card (a card describes one model: a merge or quantization of it gets darwin's own)."""
     for item in source.iterdir():
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.endswith(".index.json") \
-                and not item.name.startswith("."):
+                and not item.name.startswith(".") and item.name != "README.md":
             shutil.copy2(item, dest / item.name)

@@ -3,8 +3,10 @@
 `model_card(run_info)` renders a plain dict; every key is optional and a missing one drops its section:
 
     name          str    title (default "Darwin child")
+    relation      str    "merge" (default) | "quantized": a quantized model published alone
+    child_of      str    the model a quantized release was made from (its `base_model` when a hub id)
     license       str    default "apache-2.0"
-    father, mother, base   str   model ids or paths; father and mother become the `base_model` list
+    father, mother, base   str   model ids or paths; father and mother on the hub become the `base_model` list
     method        str    darwin-v5 | darwin-v6 | dare-ties
     architecture  str    e.g. Qwen3_5ForConditionalGeneration
     genome        {gene: value}          genome_hash  str
@@ -27,6 +29,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -67,20 +70,36 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_repo(model: str | None) -> str | None:
+    """`model` when it names a Hugging Face hub repo (org/name): the only kind of name `base_model` may hold."""
+    return model if model and HUB_ID.fullmatch(model) and not Path(model).exists() else None
+
+
+def card_data(info: dict):
+    """The card's metadata as huggingface_hub models it (`ModelCardData`): the parents on the hub as `base_model`
+    of a `merge`, or the child as that of a `quantized` release; the held-out scores as the `model-index`."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    quantized = info.get("relation") == "quantized"
+    candidates = [info.get("child_of")] if quantized else [info.get("father"), info.get("mother")]
+    bases = [repo for repo in map(_hub_repo, candidates) if repo]
+    schemes = [q.get("scheme") for q in info.get("quantization") or []]
+    tags = ["merge", "darwin", "evolutionary-merge", info.get("method"), *(["nvfp4", *schemes] if schemes else [])]
+    heldout = info.get("heldout") or {}
+    results = [EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
+                          dataset_split=heldout.get("split"), metric_type="acc_norm", metric_value=round(value, 4))
+               for task, value in ((heldout.get("scores") or {}).get("child") or {}).items()]
+    return ModelCardData(license=info.get("license", "apache-2.0"), library_name="transformers",
+                         base_model=bases or None, base_model_relation=("quantized" if quantized else "merge")
+                         if bases else None, tags=list(dict.fromkeys(t for t in tags if t)),
+                         model_name=info.get("name", "Darwin child"), eval_results=results or None)
+
+
 def _front_matter(info: dict) -> str:
-    meta = {"license": info.get("license", "apache-2.0"), "library_name": "transformers"}
-    parents = [info[role] for role in ("father", "mother") if info.get(role)]
-    if parents:
-        meta["base_model"] = parents
-        meta["base_model_relation"] = "merge"
-    tags = ["merge", "darwin", "evolutionary-merge"]
-    if info.get("method"):
-        tags.append(info["method"])
-    schemes = [q.get("scheme") for q in info.get("quantization") or [] if q.get("scheme")]
-    if schemes:
-        tags += ["nvfp4", *schemes]
-    meta["tags"] = list(dict.fromkeys(tags))
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
+    return "---\n" + card_data(info).to_yaml() + "\n---"
 
 
 def _lineage(info: dict) -> str:
@@ -120,6 +139,12 @@ def _genome(info: dict) -> str:
     out = "## Genome\n\n" + _table(["gene", "value"], rows)
     if info.get("genome_hash"):
         out += f"\n\ngenome_hash: `{info['genome_hash']}`"
+    if info.get("father") and info.get("mother") and info.get("method"):
+        base = f" --base {info['base']}" if info.get("base") else ""
+        out += ("\n\nThe child, byte for byte, from its parents (the genome alone fixes every mask):\n\n```bash\n"
+                f"echo '{json.dumps(info['genome'])}' > genome.json\n"
+                f"darwin merge --father {info['father']} --mother {info['mother']}{base} --genome genome.json "
+                f"--method {info['method']} --out child\n```")
     return out
 
 
@@ -250,6 +275,10 @@ def run_info_from_dir(path: str | Path, release: str | Path | None = None) -> di
     architectures = _load_json(child / "config.json").get("architectures") or [None]
     info = {
         "name": root.resolve().name,
+        # a quantized model published alone is a quantization of the child, not a merge of the parents
+        "relation": "quantized" if not is_run and _load_json(root / "config.json").get("quantization_config")
+        else "merge",
+        "child_of": _load_json(root / "roundtrip.json").get("source"),
         "father": config.get("father") or _hub_id(parents.get("father")),
         "mother": config.get("mother") or _hub_id(parents.get("mother")),
         "base": config.get("base") or _hub_id(parents.get("base")),

@@ -170,6 +170,7 @@ def official_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
     config = model.config.to_dict()
     config["dtype"] = "bfloat16"
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "README.md").write_text("---\nlicense: other\nlibrary_name: transformers\n---\n# The release's own card\n")
     build_tokenizer().save_pretrained(path)
     return path
 

@@ -15,6 +15,7 @@ import boto3
 import pandas as pd
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 from moto.server import ThreadedMotoServer
 
 from darwin.errors import DarwinError
@@ -221,8 +222,14 @@ def test_model_card_from_a_run(run_dir):
     card = model_card({**info, "location": "s3://bucket/darwin-pico"})
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     meta = yaml.safe_load(front)
-    assert meta["base_model"] == ["org/father-9b", "/models/mother"]
+    assert meta == ModelCard(card).data.to_dict()  # huggingface_hub reads back what it wrote
+    assert meta["base_model"] == ["org/father-9b"] and meta["base_model_relation"] == "merge"  # hub ids only
     assert {"merge", "darwin", "evolutionary-merge", "nvfp4"} <= set(meta["tags"])
+    [index] = meta["model-index"]
+    assert index["name"] == "darwin-pico-run"
+    assert {(r["dataset"]["name"], r["dataset"]["split"], r["metrics"][0]["value"]) for r in index["results"]} == \
+        {("skill_a", "test", 0.66), ("skill_b", "test", 0.64)}
+    assert "darwin merge --father org/father-9b --mother /models/mother --genome genome.json --method darwin-v5" in body
     for gene, value in GENOME.items():
         assert f"| {gene} | {value} |" in body
     assert "| skill_a | 0.71 | 0.25 | 0.66 |" in body and "| skill_b | 0.22 | 0.68 | 0.64 |" in body
@@ -233,6 +240,17 @@ def test_model_card_from_a_run(run_dir):
     assert "vllm serve ./darwin-pico-run/best" in body and "modelopt_fp4`" in body
     assert "vllm serve ./darwin-pico-run/quantized/nvfp4a16   # nvfp4a16" in body
     assert "--quantization modelopt_fp4   # mfp4" not in body  # no mfp4 in this run
+
+
+def test_a_quantized_model_published_alone_is_a_quantization(run_dir):
+    quantized = run_dir / "quantized" / "nvfp4a16"
+    (quantized / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"],
+                                                       "quantization_config": {"quant_method": "compressed-tensors"}}))
+    meta = ModelCard(model_card(run_info_from_dir(quantized))).data.to_dict()
+    assert "base_model" not in meta  # made from a local child: nothing on the hub to name
+    info = {**run_info_from_dir(quantized), "child_of": "org/darwin-child"}
+    meta = ModelCard(model_card(info)).data.to_dict()
+    assert (meta["base_model"], meta["base_model_relation"]) == (["org/darwin-child"], "quantized")
 
 
 def test_model_card_with_nothing_known_still_renders():

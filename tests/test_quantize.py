@@ -103,6 +103,40 @@ def test_written_nvfp4_decodes_close_to_source(family, scheme, source, quantized
         assert all(out[f"{m}.input_scale"].dtype == torch.float32 for m in modules)
 
 
+def test_nvfp4a16_parts_vllm_fuses_share_one_global_scale(source, tmp_path):
+    """vLLM runs q/k/v (and gate/up) as one kernel with ONE global scale, the largest of the parts'. A k_proj four
+    times larger than q_proj and v_proj: all three must carry the same scale, or vLLM decodes two of them with the
+    third one's."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "skewed"
+    shutil.copytree(source("qwen3_5"), path)
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if any(".k_proj." in name for name in tensors):
+            save_file({name: t * 4 if ".self_attn.k_proj." in name else t for name, t in tensors.items()}, shard,
+                      metadata={"format": "pt"})
+    out = read_all(quantize(path, "nvfp4a16", tmp_path / "out"))
+    src = read_all(path)
+    groups = {}
+    for name, scale in out.items():
+        if name.endswith(".weight_global_scale"):
+            module = name.removesuffix(".weight_global_scale")
+            prefix, part = module.rsplit(".", 1)
+            kernel = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+            groups.setdefault((prefix, kernel.get(part, part)), {})[part] = scale
+    fused = {key: parts for key, parts in groups.items() if len(parts) > 1}
+    assert any(key[1] == "qkv" for key in fused) and any(key[1] == "gate_up" for key in fused)
+    for (prefix, _), parts in fused.items():
+        served = max(parts.values(), key=float)  # what vLLM applies to the fused kernel
+        for part, scale in parts.items():
+            assert torch.equal(scale, served), (prefix, part)
+            module = f"{prefix}.{part}"
+            decoded = decode(out[f"{module}.weight_packed"], out[f"{module}.weight_scale"], served, True)
+            original = src[f"{module}.weight"].float()
+            assert float((decoded - original).norm() / original.norm()) < 0.15, module
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_the_schemes_linears_are_quantized_and_the_rest_is_bit_identical(family, scheme, source, quantized):

@@ -42,6 +42,7 @@ def test_a_release_merges_with_its_transformers_saved_fine_tune(release_pair, tm
     # every tensor of the father, in his dtype (float32 A_log and norms stay float32)
     assert {n: i.dtype for n, i in child.tensors.items()} == {n: i.dtype for n, i in father.tensors.items()}
     assert child.config == father.config
+    assert not (child.path / "README.md").exists()  # the release's card describes the release, not this child
     report = json.loads((child.path / "merge_report.json").read_text())["tensors"]
     only_father = sorted(n for n in father.tensors if n not in mother.tensors)
     assert only_father and all(n.startswith(("mtp.", "model.visual.")) for n in only_father)

@@ -2,8 +2,10 @@
 
 No calibration and no forward pass: the checkpoint is streamed tensor by tensor. Attention and MLP / expert
 linears are quantized; linear attention, routers, embeddings, lm_head, norms, vision and MTP stay BF16, as on the
-Qwen3.5-9B-heretic-NVFP4A16 card. compressed-tensors does the numerics (global scale, FP8 block scales, E2M1
-rounding and packing) and names the tensors: `weight_packed` (uint8, two E2M1 codes a byte, low nibble first),
+Qwen3.5-9B-heretic-NVFP4A16 card. Linears vLLM fuses into one kernel (q/k/v; gate/up, each expert's too) share one
+global scale, from the largest magnitude of all their parts, as llm-compressor writes them: vLLM applies one scale
+to the fused kernel, and parts with scales of their own would be decoded with another's. compressed-tensors does the
+numerics (global scale, FP8 block scales, E2M1 rounding and packing) and names the tensors: `weight_packed` (uint8, two E2M1 codes a byte, low nibble first),
 `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_global_scale` (float32). Scale convention:
 w = e2m1 * weight_scale / weight_global_scale, with weight_global_scale = 448 * 6 / amax(|w|).
 """
@@ -25,6 +27,7 @@ from compressed_tensors.quantization.utils import calculate_qparams, generate_gp
 
 from darwin.checkpoint import Checkpoint, CheckpointWriter, TensorInfo, copy_side_files
 from darwin.quantize import check_source
+from darwin.quantize.roundtrip import fused_group
 
 QUANTIZED_KINDS = ("attn", "mlp", "expert", "shared_expert")
 SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4A16)
@@ -37,10 +40,12 @@ def is_quantized(ckpt: Checkpoint, info: TensorInfo) -> bool:
             and info.shape[1] % GROUP == 0)
 
 
-def compress_weight(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """RTN NVFP4 of one [out, in] weight: compressed-tensors' global scale, FP8 block scales and packing."""
+def compress_weight(weight: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """RTN NVFP4 of one [out, in] weight: compressed-tensors' global scale (from `amax`, the largest magnitude of
+    the fused kernel the weight is part of, else its own), FP8 block scales and packing."""
     full = weight.float()
-    global_scale = generate_gparam(full.amin(), full.amax())
+    amax = full.abs().max() if amax is None else amax
+    global_scale = generate_gparam(-amax, amax)
     blocks = full.unflatten(-1, (-1, GROUP))
     scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), SCHEME.weights, global_scale=global_scale)
     state = {"weight": weight, "weight_scale": scale, "weight_global_scale": global_scale}
@@ -72,12 +77,17 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
     # vLLM and transformers quantize every Linear a pattern does not exclude, so every module kept BF16 that
     # holds a matrix is named (norms and biases have no module of their own to name).
     ignore = []
+    amax: dict[str, torch.Tensor] = {}  # fused group -> the largest magnitude of its parts (a first, reading pass)
+    for name, info in ckpt.tensors.items():
+        if is_quantized(ckpt, info):
+            group = fused_group(name.removesuffix(".weight"))
+            amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), ckpt.read(name).float().abs().max())
     with CheckpointWriter(out) as writer:
         for name, info in ckpt.tensors.items():
             tensor = ckpt.read(name)
             if is_quantized(ckpt, info):
                 module = name.removesuffix(".weight")
-                for param, value in compress_weight(tensor).items():
+                for param, value in compress_weight(tensor, amax[fused_group(module)]).items():
                     writer.add(f"{module}.{param}", value)
             else:
                 writer.add(name, tensor)

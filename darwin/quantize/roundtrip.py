@@ -7,6 +7,9 @@ per 16 inputs) and differ only in names and in the direction of the FP32 per-ten
   w = e2m1 * weight_scale * weight_scale_2.
 - nvfp4a16 (compressed-tensors nvfp4-pack-quantized): `weight_packed`, `weight_scale`, `weight_global_scale`;
   w = e2m1 * weight_scale / weight_global_scale.
+Each tensor is decoded with the per-tensor scale vLLM uses: linears vLLM fuses into one kernel (q/k/v; gate/up,
+each expert's too) get ONE scale there, the largest of the parts' (`FUSED`), so a file whose parts disagree decodes
+worse in vLLM than part by part, and this report shows it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,16 @@ from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
 
 BLOCK = 16
+# vLLM's packed_modules_mapping of these families: the parts of one fused kernel, sharing its per-tensor scale
+FUSED = re.compile(r"^(?P<prefix>.*\.)(?:(?P<qkv>q_proj|k_proj|v_proj)|(?P<gate_up>gate_proj|up_proj))$")
+
+
+def fused_group(module: str) -> str:
+    """The fused kernel a linear module is part of in vLLM (the module itself when vLLM fuses it with nothing)."""
+    match = FUSED.match(module)
+    if match is None:
+        return module
+    return match["prefix"] + ("qkv_proj" if match["qkv"] else "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -54,8 +68,9 @@ def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: 
 
 
 def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.PathLike, scheme: str) -> dict:
-    """Per quantized tensor and overall: max / mean absolute error, relative Frobenius error, bytes before and
-    after; the tensors kept as they were (and whether they are bit-identical). Written to quantized_dir/roundtrip.json."""
+    """Per quantized tensor and overall, decoded as vLLM decodes it: max / mean absolute error, relative Frobenius
+    error, bytes before and after; the tensors kept as they were (and whether they are bit-identical). Written to
+    quantized_dir/roundtrip.json."""
     if scheme not in LAYOUTS:
         raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(LAYOUTS)})")
     layout = LAYOUTS[scheme]
@@ -63,6 +78,11 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
     modules = [name.removesuffix("." + layout.packed) for name, info in quantized.tensors.items()
                if name.endswith("." + layout.packed) and info.dtype == "U8"
                and f"{name.removesuffix('.' + layout.packed)}.{layout.global_scale}" in quantized.tensors]
+    served_scale: dict[str, torch.Tensor] = {}  # fused group -> the per-tensor scale vLLM applies to all its parts
+    for module in modules:
+        scale = quantized.read(f"{module}.{layout.global_scale}").float().max()
+        group = fused_group(module)
+        served_scale[group] = torch.maximum(served_scale.get(group, scale), scale)
     rows, consumed = [], set()
     err_sq = ref_sq = abs_sum = 0.0
     max_abs, numel = 0.0, 0
@@ -75,8 +95,7 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
         consumed.update(names)
         original = source.read(source_name).float()
         decoded = decode_nvfp4(quantized.read(f"{module}.{layout.packed}"), quantized.read(f"{module}.weight_scale"),
-                               quantized.read(f"{module}.{layout.global_scale}"), layout.global_is_divisor,
-                               tuple(original.shape))
+                               served_scale[fused_group(module)], layout.global_is_divisor, tuple(original.shape))
         error = (decoded - original).abs()
         e2, r2 = float(error.pow(2).sum()), float(original.pow(2).sum())
         rows.append({
