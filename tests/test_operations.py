@@ -177,12 +177,14 @@ def test_evolution_on_a_real_server_shows_its_dag_artifacts_and_results(server, 
 @pytest.mark.slow
 def test_a_fitness_cache_on_s3_serves_every_run(prefect_api, s3_results, pico_family, tmp_path, monkeypatch):
     """The cache at an S3 URL (moto's server here; MinIO or S3 on a cluster): a second run on another machine's
-    disk evaluates nothing, and the bucket holds whole entries only."""
+    disk evaluates nothing, the bucket holds whole entries only, and no file of either run holds the S3 secret."""
     import darwin.fitness
     from flows import evolve
 
     for name, value in s3_results.items():
         monkeypatch.setenv(name, value)
+    secret = "darwin-test-secret-9f3c2a"  # moto takes any key: one no file of a run may contain
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     config = config_for(pico_family, phase1__steps=0, phase2__steps=1)
     cache = "s3://darwin-results/fitness-cache"
     first = evolve.run_evolution(config, tmp_path / "one", cache_dir=cache)
@@ -194,6 +196,10 @@ def test_a_fitness_cache_on_s3_serves_every_run(prefect_api, s3_results, pico_fa
     client = boto3.client("s3", endpoint_url=s3_results["AWS_ENDPOINT_URL"])
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="darwin-results", Prefix="fitness-cache/")["Contents"]]
     assert len(keys) == 3 and all(key.endswith(".json") and "/." not in key for key in keys)
+    written = [path for run in ("one", "two") for path in (tmp_path / run).rglob("*") if path.is_file()]
+    assert written and not [path for path in written if secret.encode() in path.read_bytes()]
+    assert not [key for key in keys if secret.encode() in client.get_object(Bucket="darwin-results", Key=key)["Body"]
+                .read()]
 
 
 def test_register_deploy_and_run_once_through_a_process_worker(server, pico_family, tmp_path):
