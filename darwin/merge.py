@@ -289,18 +289,27 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, 
     ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
-    donor = prescribe.dead_expert_donor(tp.name, tp.block, plan.signals_a, plan.signals_b)
-    chosen = donor or prescribe.transplant(final, plan.genome.version)
+    donors = prescribe.dead_expert_donors(tp.name, a.shape, tp.block, plan.signals_a, plan.signals_b)
+    whole = donors if len(prescribe.expert_slices(tp.name, a.shape)) == 1 else {}  # a per-expert tensor
+    chosen = next(iter(whole.values()), None) or prescribe.transplant(final, plan.genome.version)
     row.update(mri_ratio=ratio, final_ratio=final, transplant=chosen)
     if probe_a is not None:
         row.update(probe_father=probe_a, probe_mother=probe_b)
-    if donor:
-        row["dead_expert_donor"] = donor
-    if chosen == "father":
-        return a, row
-    if chosen == "mother":
-        return (b if code_b == code else to_raw(to_torch(b, code_b).to(torch_dtype(code)))), row
-    return _merge_values(plan, tp, a, b, base, final, device, ring), row
+    if donors:
+        row["dead_expert_donors"] = {str(e): donor for e, donor in donors.items()}
+    def in_fathers_dtype(raw: np.ndarray) -> np.ndarray:
+        return raw if code_b == code else to_raw(to_torch(raw, code_b).to(torch_dtype(code)))
+
+    if chosen:
+        merged = a if chosen == "father" else in_fathers_dtype(b)
+    else:
+        merged = _merge_values(plan, tp, a, b, base, final, device, ring)
+    if donors and not whole:  # a fused tensor: each dead expert's slice is the live parent's bytes
+        if merged is a or merged is b:
+            merged = merged.copy()  # never write into a parent's mapped pages
+        for expert, donor in donors.items():
+            merged[expert] = a[expert] if donor == "father" else in_fathers_dtype(b[expert])
+    return merged, row
 
 
 def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") -> dict[str, tuple[dict, dict]]:
@@ -338,6 +347,10 @@ def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str 
 
 
 def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None) -> dict:
+    experts: dict[str, dict[str, str]] = {}  # layer -> expert -> the live parent it was taken from
+    for row in rows.values():
+        for expert, donor in (row.get("dead_expert_donors") or {}).items():
+            experts.setdefault(str(row["block"]), {})[expert] = donor
     return {
         "method": plan.method,
         "genome": dict(plan.genome.genes),
@@ -347,6 +360,7 @@ def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None)
         "mri_trust": plan.genome.mri_trust(),
         "merge_method_weight": plan.genome.merge_method_weight(),
         "seconds": seconds,
+        "dead_experts_from": experts,
         "tensors": rows,
     }
 

@@ -5,7 +5,8 @@ below 0.05 / above 0.95. V6: static scores with weights 0.3/0.2/0.002, `combined
 the probe score is the probe-weighted importance of the tensor's layer (tensors outside the decoder layers, or
 runs without probes, use the static score alone), `final = mri*mri_trust + genome*(1 - mri_trust)`, transplant
 below 0.15 / above 0.85. Dead experts: an expert dead in one parent and alive in the other is transplanted from
-the live parent, whatever the ratios say (the V5 35B card's donor rule, made exact).
+the live parent, whatever the ratios say (the V5 35B card's donor rule, made exact): a per-expert tensor whole, the
+expert's slice of a fused one (the rest of it merged).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ THRESHOLDS = {"v5": (0.05, 0.95), "v6": (0.15, 0.85)}
 # changes what a genome merges to.
 RULES_VERSION = 1
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,26 @@ def transplant(final: float, version: str) -> str | None:
     return None
 
 
-def dead_expert_donor(name: str, block: int | None, signals_a: ParentSignals,
-                      signals_b: ParentSignals) -> str | None:
-    """The live parent of an expert dead in exactly one parent, else None."""
+def expert_slices(name: str, shape: tuple[int, ...]) -> list[int]:
+    """The experts a tensor holds, one slice each: `[e]` for a per-expert tensor (`experts.e.*`), every index of
+    dim 0 for a fused one (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], as Qwen3.5-MoE and
+    Gemma 4 store them), none otherwise."""
     match = EXPERT_INDEX.search(name)
-    if match is None or block is None:
-        return None
-    expert = int(match.group(1))
-    dead_a = expert in (signals_a.dead_experts or {}).get(block, set())
-    dead_b = expert in (signals_b.dead_experts or {}).get(block, set())
-    if dead_a and not dead_b:
-        return "mother"
-    if dead_b and not dead_a:
-        return "father"
-    return None
+    if match is not None:
+        return [int(match.group(1))]
+    if FUSED_EXPERTS.search(name) and len(shape) == 3:
+        return list(range(shape[0]))
+    return []
+
+
+def dead_expert_donors(name: str, shape: tuple[int, ...], block: int | None, signals_a: ParentSignals,
+                       signals_b: ParentSignals) -> dict[int, str]:
+    """{expert: live parent} for each expert slice of the tensor that is dead in exactly one parent."""
+    if block is None:
+        return {}
+    dead_a = (signals_a.dead_experts or {}).get(block, set())
+    dead_b = (signals_b.dead_experts or {}).get(block, set())
+    return {e: "mother" if e in dead_a else "father" for e in expert_slices(name, shape) if (e in dead_a) != (e in dead_b)}
 
 
 def load_signals(probe_dir: str | None) -> ParentSignals:

@@ -321,14 +321,37 @@ def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_p
     plan = plan_merge(father, mother, v6(), "darwin-v6", signals_a=ParentSignals(dead_experts={1: {2}}),
                       signals_b=ParentSignals(dead_experts={1: {0}, 2: {2}}))
     out = merge_to_dir(plan, tmp_path / "child")
-    report = json.loads((out / "merge_report.json").read_text())["tensors"]
+    merged = json.loads((out / "merge_report.json").read_text())
+    report = merged["tensors"]
     layer = "model.layers.{}.mlp.experts.{}.up_proj.weight"
-    assert report[layer.format(1, 2)]["dead_expert_donor"] == "mother"
+    assert report[layer.format(1, 2)]["dead_expert_donors"] == {"2": "mother"}
     assert raw_bytes(out, layer.format(1, 2)) == raw_bytes(mother.path, layer.format(1, 2))
-    assert report[layer.format(1, 0)]["dead_expert_donor"] == "father"
+    assert report[layer.format(1, 0)]["dead_expert_donors"] == {"0": "father"}
     assert raw_bytes(out, layer.format(1, 0)) == raw_bytes(father.path, layer.format(1, 0))
-    assert report[layer.format(2, 2)]["dead_expert_donor"] == "father"
-    assert "dead_expert_donor" not in report[layer.format(1, 1)]
+    assert report[layer.format(2, 2)]["dead_expert_donors"] == {"2": "father"}
+    assert "dead_expert_donors" not in report[layer.format(1, 1)]
+    assert merged["dead_experts_from"] == {"1": {"2": "mother", "0": "father"}, "2": {"2": "father"}}
+
+
+def test_a_dead_experts_slice_of_a_fused_tensor_is_the_live_parents(pico_checkpoint, tmp_path):
+    """Gemma 4 (and Qwen3.5-MoE releases) store the routed experts fused, [E, ...] in one tensor: the dead expert's
+    slice comes from the live parent byte for byte, the other experts' slices are merged."""
+    from darwin.prescribe import ParentSignals
+
+    father, mother = (Checkpoint(pico_checkpoint("gemma4_moe_text", perturb=p)) for p in (1, 2))
+    fused = "model.layers.1.experts.gate_up_proj"
+    assert len(father.tensors[fused].shape) == 3
+    plan = plan_merge(father, mother, v6(), "darwin-v6", signals_b=ParentSignals(dead_experts={1: {2}}))
+    out = Checkpoint(merge_to_dir(plan, tmp_path / "child"))
+    merged = json.loads((out.path / "merge_report.json").read_text())
+    assert merged["tensors"][fused]["dead_expert_donors"] == {"2": "father"}
+    assert merged["dead_experts_from"] == {"1": {"2": "father"}}
+    child, a, b = out.read_array(fused), father.read_array(fused), mother.read_array(fused)
+    assert np.array_equal(child[2], a[2])
+    for expert in (0, 1, 3):
+        assert not np.array_equal(child[expert], a[expert]) and not np.array_equal(child[expert], b[expert])
+    # and the father's mapped bytes were not touched
+    assert np.array_equal(Checkpoint(father.path).read_array(fused), a)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # in place / in place / chunks
