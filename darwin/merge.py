@@ -23,6 +23,7 @@ merge on CPU never imports torch, which took 0.75 s of `darwin merge`'s start on
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -399,46 +400,87 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
         raise
 
 
-def parameter_names(model: torch.nn.Module, names: list[str]) -> dict[str, str | None]:
-    """Checkpoint tensor name -> the model's parameter it loads into, by transformers' own conversion rules for that
-    model (the renames `from_pretrained` applies, e.g. a release's `model.language_model.*` onto the `model.*` of
-    the text model AutoModelForCausalLM builds); None where the model builds no such parameter (a vision tower,
-    MTP) or only through a weight conversion (experts stored per expert, fused in the model)."""
+@dataclass
+class ModelPlacement:
+    """Where a checkpoint's tensors go in a model built by transformers, by transformers' own conversion rules for
+    that model (`get_model_conversion_mapping`): `direct` maps a name onto one parameter (the renames
+    `from_pretrained` applies, e.g. a release's `model.language_model.*` onto the text model's `model.*`);
+    `converted` groups the names one WeightConverter turns into one parameter (experts stored per expert, fused in
+    the model), with that converter; the rest the model does not build (a vision tower, MTP)."""
+
+    direct: dict[str, str]
+    converted: dict[str, tuple[object, str, list[tuple[str, str]]]]  # parameter -> (converter, key, [(name, pattern)])
+
+    def placed(self, name: str) -> bool:
+        return name in self.direct or any(name == n for _, _, names in self.converted.values() for n, _ in names)
+
+
+def place_in_model(model: torch.nn.Module, names: list[str]) -> ModelPlacement:
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings, dot_natural_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
-    placed = {}
-    for name in names:
-        target, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
-        placed[name] = target if converted is None and target in state else None
-    return placed
+    direct, converted = {}, {}
+    for name in sorted(names, key=dot_natural_key):  # transformers feeds a converter its tensors in this order
+        renamed = apply_renamings(name, renamings)
+        for converter in converters:
+            target, pattern = converter.rename_source_key(renamed)
+            if pattern is not None:
+                if target in state:
+                    group = converted.setdefault(target, (copy.deepcopy(converter), target, []))
+                    group[2].append((name, pattern))
+                break
+        else:
+            prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+            for candidate in (renamed, prefix and prefix + renamed, prefix and renamed.removeprefix(prefix)):
+                if candidate and candidate in state:  # as from_pretrained adds or strips the base model's prefix
+                    direct[name] = candidate
+                    break
+    return ModelPlacement(direct, converted)
 
 
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
-    """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory). Tensors the
-    model does not build (UNBUILT_KINDS) do not change its fitness and are merged only on disk; the tensors the
-    father alone holds are already the skeleton's."""
+    """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory), placed
+    as transformers places that checkpoint's tensors (`place_in_model`: renamed, or converted, e.g. per-expert
+    tensors fused). Tensors the model does not build (UNBUILT_KINDS) do not change its fitness and are merged only
+    on disk; the tensors the father alone holds are already the skeleton's."""
     import torch
 
     state = model.state_dict()
-    placed = parameter_names(model, [tp.name for tp in plan.tensors])
+    placement = place_in_model(model, [tp.name for tp in plan.tensors])
     # a tensor the father alone holds and the model does not build (a release's k/v of Gemma 4's kv-shared layers)
     # cannot change what the skeleton computes either
-    missing = [tp.name for tp in plan.tensors if placed[tp.name] is None and tp.kind not in UNBUILT_KINDS
+    missing = [tp.name for tp in plan.tensors if not placement.placed(tp.name) and tp.kind not in UNBUILT_KINDS
                and tp.carried != "father"]
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
     by_name = {tp.name: tp for tp in plan.tensors}
-    wanted = [tp.name for tp in plan.tensors if placed[tp.name] is not None and tp.carried != "father"]
+    group_of = {name: target for target, (_, _, names) in placement.converted.items() for name, _ in names}
+    # a converted parameter is built from all its sources, the father's own ones too
+    wanted = [tp.name for tp in plan.tensors if placement.placed(tp.name) and (tp.carried != "father"
+                                                                               or tp.name in group_of)]
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # converted parameter -> its merged sources so far
     rows = {}
     with torch.no_grad():
         for name, raw, row in merged_tensors(plan, wanted, device=device):
-            state[placed[name]].copy_(to_torch(raw, plan.source(by_name[name]).dtype))
+            tensor = to_torch(raw, plan.source(by_name[name]).dtype)
             rows[name] = row
+            if name in placement.direct:
+                state[placement.direct[name]].copy_(tensor)
+                continue
+            target = group_of[name]
+            pending.setdefault(target, {})[name] = tensor.clone()  # `raw` may be recycled memory
+            converter, key, sources = placement.converted[target]
+            if len(pending[target]) == len(sources):
+                group = copy.deepcopy(converter)
+                for source, pattern in sources:
+                    group.add_tensor(key, source, pattern, pending[target][source])
+                for parameter, value in group.convert(key, model=model, config=model.config).items():
+                    state[parameter].copy_(value)
+                del pending[target]
     return rows
 
 

@@ -396,3 +396,26 @@ def test_dare_ties_spans_father_task_arithmetic_and_mother(parents, tmp_path):
     sign = torch.where(tv_a + tv_b >= 0, 1.0, -1.0)
     expected = c + torch.where(torch.sign(tv_a) == sign, tv_a, 0.0) + torch.where(torch.sign(tv_b) == sign, tv_b, 0.0)
     assert torch.equal(Checkpoint(child(0.5)).read(name), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+def test_phase2_places_experts_as_transformers_loads_them(pico_checkpoint, tmp_path, family):
+    """Per-expert checkpoints (Qwen3-MoE, and Qwen3.5-MoE as transformers saves it) load fused into the model, through
+    transformers' own weight converters: the model Phase 2 scores equals the child written to disk, loaded by
+    transformers. (The pico Gemma 4 does not reload through from_pretrained: its saved config loses the global
+    head size of its full-attention layers.)"""
+    from transformers import AutoModelForCausalLM
+
+    from darwin.merge import merge_into_model
+
+    father, mother = (Checkpoint(pico_checkpoint(family, perturb=p)) for p in (1, 2))
+    plan = plan_merge(father, mother, v6(), "darwin-v6")
+    model = AutoModelForCausalLM.from_pretrained(father.path, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_into_model(plan, model)
+    child = AutoModelForCausalLM.from_pretrained(merge_to_dir(plan, tmp_path / "child"), dtype=torch.bfloat16)
+    expected = child.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    fused = [k for k in before if "experts" in k and before[k].dim() == 3]
+    assert fused and all(not torch.equal(model.state_dict()[k], before[k]) for k in fused)
