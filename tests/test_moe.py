@@ -1,7 +1,9 @@
 """MoE routing stats on pico MoE models: frequencies, entropy, and exactly the experts a rigged router starves."""
 
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pico
 import picotok
@@ -91,3 +93,45 @@ def test_routing_files_keep_the_rule(tmp_path, tokenizer):
     assert again.attrs["dead_rule"] == frame.attrs["dead_rule"]
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert [row["dead_experts"] for row in moe.routing_table(frame)] == ["3", "1 2", "", "0"]
+
+
+@pytest.mark.slow
+def test_evolution_on_a_per_expert_pair_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_family, tmp_path):
+    """A Qwen3-MoE pair saved per expert (as transformers saves it) whose mother's router never picks expert 2 of
+    layer 1: darwin-v5's run profiles the routing, Phase 2 scores every genome in memory (experts fused in the model)
+    and the best child's expert 2 of layer 1 is the father's, byte for byte."""
+    from darwin.checkpoint import Checkpoint
+    from darwin.config import parse_config
+    from flows import evolve
+
+    paths = {}
+    for role, dead, seed in (("father", {}, None), ("mother", {1: {2}}, 3)):
+        model = rigged_qwen3_moe({layer: dead.get(layer, set()) for layer in range(4)})
+        if seed is not None:
+            pico.perturbed(model, seed, scale=0.01)
+        paths[role] = pico.save(model.to(torch.bfloat16), tmp_path / role)
+        picotok.save_beside(paths[role])
+    assert any(".experts.0." in name for name in Checkpoint(paths["father"]).tensors)  # per expert on disk
+    config = parse_config({
+        "father": str(paths["father"]), "mother": str(paths["mother"]), "method": "darwin-v5", "seed": 0,
+        "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1}, "heldout": {"split": None},
+        "phase2": {"steps": 1, "popsize": 3, "tasks": [str(pico_family["task"])], "device": "cpu"}})
+    summary = evolve.run_evolution(config, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
+    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert (history["phase"] == 2).sum() == 3 and not history["failed"].any()
+    dead = {role: moe.dead_expert_map(moe.read_routing(tmp_path / "run" / "probes" / role / "routing.parquet"))
+            for role in ("father", "mother")}
+    assert 2 in dead["mother"][1] and 2 not in dead["father"][1]
+    expected = {str(layer): {str(e): "mother" if e in dead["father"][layer] else "father"
+                             for e in dead["father"][layer] ^ dead["mother"][layer]}
+                for layer in dead["father"] if dead["father"][layer] ^ dead["mother"][layer]}
+    report = json.loads((tmp_path / "run" / "best" / "merge_report.json").read_text())
+    assert report["dead_experts_from"] == expected and expected["1"]["2"] == "father"
+    child = Checkpoint(summary["best_dir"])
+    parents = {role: Checkpoint(paths[role]) for role in ("father", "mother")}
+    for layer, experts in expected.items():
+        for expert, donor in experts.items():
+            names = [n for n in child.tensors if n.startswith(f"model.layers.{layer}.mlp.experts.{expert}.")]
+            assert names
+            for name in names:
+                assert np.array_equal(child.read_array(name), parents[donor].read_array(name)), name
