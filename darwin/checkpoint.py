@@ -206,7 +206,8 @@ class Checkpoint:
         if (self.path / PICKLE_INDEX_NAME).exists() or (self.path / PICKLE_SINGLE_NAME).exists():
             if not allow_pickle:
                 raise DarwinError(f"{self.path} holds a pickle (.bin) checkpoint, which can run code when loaded; "
-                                  "convert it to safetensors or pass --allow-pickle")
+                                  "convert it to safetensors (or, for a file you trust, pass --allow-pickle to "
+                                  "`darwin merge`)")
             self._pickled = True
             if (self.path / PICKLE_INDEX_NAME).exists():
                 return self._indexed_shards(PICKLE_INDEX_NAME)

@@ -34,7 +34,7 @@ class Phase2(_Strict):
     split: Split = "validation"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     sigma0: float = Field(0.15, gt=0.0, le=0.5)
 
 

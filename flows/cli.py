@@ -12,7 +12,9 @@ import gc
 import importlib
 import logging
 import os
+import re
 import sys
+from importlib import metadata
 
 # How Prefect's temporary server says it did not start in time (prefect/server/api/server.py)
 PREFECT_START_FAILED = "Timed out while attempting to connect to ephemeral Prefect API server"
@@ -64,16 +66,27 @@ def _quiet_user_errors() -> None:
                 handler.addFilter(_UserErrorLines())
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_type(text: str) -> str:
+    """argparse type of every --device: refused at once, not when a phase first reaches for the device."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda or cuda:N)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """`argv` None: this process is the command (the console script), so its imports may be frozen."""
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="darwin", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"darwin {metadata.version('darwin-merge')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv or ["--help"])
+        parser.parse_args(argv or ["--help"])  # --version and --help exit here
         return 2
     name = argv[0]
     module = (_import_frozen if own_process else importlib.import_module)(COMMANDS[name][0])

@@ -19,6 +19,7 @@ from darwin.checkpoint import Checkpoint
 from darwin.health import check_thresholds
 from darwin.probes import load_probes, read_importance
 from darwin.runtime import pick_device
+from flows.cli import device_type
 from tasks.probe import health_check, probe_model
 
 FAIL_EXIT = 3
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probes", help="directory of NAME.txt probe sets (replaces the shipped sets)")
     parser.add_argument("--father-probes", help="`darwin probe` output of the father, reused instead of probing")
     parser.add_argument("--mother-probes", help="`darwin probe` output of the mother, reused instead of probing")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", type=device_type, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own modelling code")
 
 

@@ -2,7 +2,7 @@
 
     darwin merge --father A --mother B --genome GENOME.json --method darwin-v5|darwin-v6|dare-ties [--base C]
                  [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
-                 [--device cpu|cuda] [--strict] --out OUT
+                 [--device cpu|cuda] [--strict] [--allow-pickle] --out OUT
 
 Parents laid out differently merge by SPEC's pairing rules (a tensor one parent alone holds is carried from it,
 dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
@@ -22,6 +22,7 @@ from darwin.genome import Genome
 from darwin.merge import METHODS, load_mri, merge_to_dir, plan_merge
 from darwin.prescribe import load_signals
 from darwin.runtime import pick_device
+from flows.cli import device_type
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mri-mother", help="`darwin profile` output of the mother")
     parser.add_argument("--probes-father", help="`darwin probe` output of the father (V6 probe scores, experts)")
     parser.add_argument("--probes-mother", help="`darwin probe` output of the mother")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="cpu", type=device_type, help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pickle (.bin) parents, which can run code when loaded: trusted files only")
     parser.add_argument("--strict", action="store_true",
                         help="refuse parents that differ at all (tensor names, dtypes, architectures)")
 
@@ -44,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     genome = Genome.load(args.genome)
     plan = plan_merge(
-        Checkpoint(args.father), Checkpoint(args.mother), genome, args.method,
-        base=Checkpoint(args.base) if args.base else None,
+        Checkpoint(args.father, args.allow_pickle), Checkpoint(args.mother, args.allow_pickle), genome, args.method,
+        base=Checkpoint(args.base, args.allow_pickle) if args.base else None,
         mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
         signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother), strict=args.strict,
     )

@@ -16,6 +16,7 @@ from prefect import flow
 from darwin.checkpoint import Checkpoint
 from darwin.probes import load_probes, load_texts
 from darwin.runtime import pick_device
+from flows.cli import device_type
 from tasks.probe import probe_model, routing_stats
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probes", help="directory of NAME.txt probe sets, one prompt per line (replaces the five "
                                          "shipped sets)")
     parser.add_argument("--calibration", help="text file, one text per line, for MoE routing (default: the probes)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", type=device_type, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--label", default="model", help="name used in artifact keys (e.g. father, mother)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modelling code")
 

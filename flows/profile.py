@@ -11,6 +11,7 @@ from prefect import flow, unmapped
 
 from darwin.checkpoint import Checkpoint
 from darwin.runtime import pick_device
+from flows.cli import device_type
 from tasks.mri import profile_shard, write_profile
 
 
@@ -24,7 +25,7 @@ def profile_flow(model: str, out: str, device: str = "auto", label: str = "model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local directory, hub id, or fsspec URL (s3://...)")
     parser.add_argument("--out", required=True, help="directory for mri.parquet and mri.png")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", type=device_type, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--label", default="model", help="name used in artifact keys (e.g. father, mother)")
 
 

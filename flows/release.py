@@ -14,6 +14,7 @@ from darwin.checkpoint import Checkpoint
 from darwin.probes import load_texts
 from darwin.quantize import SCHEMES, check_request, check_source
 from darwin.runtime import pick_device
+from flows.cli import device_type
 from tasks.release import quantize_model
 
 
@@ -25,10 +26,11 @@ def release_flow(model: str, scheme: str, out: str, calibration: list[str] | Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local directory, hub id, or fsspec URL (s3://...) of the BF16 model")
-    parser.add_argument("--scheme", required=True, help=f"quantization scheme: {' | '.join(SCHEMES)}")
+    parser.add_argument("--scheme", required=True, choices=SCHEMES, help="quantization scheme")
     parser.add_argument("--calibration", metavar="FILE",
                         help="mfp4 calibration texts, one per line (default: the shipped probe prompts)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (mfp4 calibration)")
+    parser.add_argument("--device", default="auto", type=device_type,
+                        help="auto, cpu, cuda or cuda:N (mfp4 calibration)")
     parser.add_argument("--out", required=True, help="directory for the quantized checkpoint and roundtrip.json")
 
 

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 import pico
 from darwin.checkpoint import Checkpoint, CheckpointWriter, check_compatible, resolve
+from darwin.config import parse_config
 from darwin.errors import DarwinError
 from flows.cli import main
 
@@ -141,3 +142,43 @@ def test_cli_bad_path_is_one_line(tmp_path, capsys):
     assert main(["profile", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model path does not exist" in err[0]
+
+
+def test_the_command_line_refuses_bad_options_before_any_work(tmp_path, capsys, pico_checkpoint):
+    model = str(pico_checkpoint("llama"))
+    for argv, said in ((["quantize", model, "--scheme", "nvfp5", "--out", str(tmp_path / "q")], "invalid choice"),
+                       (["profile", model, "--out", str(tmp_path / "p"), "--device", "gpu0"], "'gpu0' is not a device"),
+                       (["merge", "--father", model, "--mother", model, "--genome", "g.json", "--method", "dare-ties",
+                         "--device", "tpu", "--out", str(tmp_path / "m")], "'tpu' is not a device")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert said in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("darwin 0.")
+    with pytest.raises(DarwinError, match="phase2.device"):
+        parse_config({"father": "a", "mother": "b", "phase2": {"device": "gpu"}})
+
+
+def test_merge_reads_pickle_parents_when_allowed(tmp_path, pico_checkpoint, capsys):
+    """The refusal names --allow-pickle, and `darwin merge` has it."""
+    from transformers import AutoModelForCausalLM
+
+    parents = {}
+    for role, perturb in (("father", 1), ("mother", 2)):
+        source = pico_checkpoint("llama", perturb=perturb)
+        parents[role] = tmp_path / role
+        parents[role].mkdir()
+        (parents[role] / "config.json").write_text((source / "config.json").read_text())
+        # the pickle layout older training scripts left (transformers 5 saves safetensors only)
+        torch.save(AutoModelForCausalLM.from_pretrained(source).state_dict(), parents[role] / "pytorch_model.bin")
+    genome = tmp_path / "genome.json"
+    genome.write_text(json.dumps({"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5,
+                                   "density_a": 0.9, "density_b": 0.9}))
+    argv = ["merge", "--father", str(parents["father"]), "--mother", str(parents["mother"]), "--genome", str(genome),
+            "--method", "darwin-v5", "--out", str(tmp_path / "child")]
+    assert main(argv) == 2 and "--allow-pickle" in capsys.readouterr().err
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert Checkpoint(tmp_path / "child").tensors
