@@ -8,13 +8,12 @@
 #                       infra/pools/gpu-h100-kubernetes.json; the kubernetes worker needs prefect-kubernetes)
 # DARWIN_GPUS           slots of the `gpu` tag limit (default: GPUs seen here, at least 1)
 # DARWIN_RESULTS_URL    if set, result storage block darwin-results at this fsspec URL (s3://bucket/prefix)
-# DARWIN_HOME           the project directory on the workers, baked into the deployments' pull step (default:
-#                       this checkout; the worker image uses /opt/darwin)
+# The deployments' pull step reads DARWIN_HOME on each worker (infra/worker.sh sets it; the image uses /opt/darwin):
+# nothing of the deployer's paths is baked into them.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api}"
-export DARWIN_HOME="${DARWIN_HOME:-$root}"
 gpu_type="${DARWIN_GPU_POOL_TYPE:-process}"
 
 prefect work-pool create darwin-cpu --type process --overwrite >/dev/null

@@ -204,7 +204,9 @@ def test_a_fitness_cache_on_s3_serves_every_run(prefect_api, s3_results, pico_fa
 
 def test_register_deploy_and_run_once_through_a_process_worker(server, pico_family, tmp_path):
     started = time.perf_counter()
-    server.run("infra/register.sh", env={"DARWIN_GPU_POOL_TYPE": "kubernetes", "DARWIN_GPUS": "3"})
+    # the deployer's DARWIN_HOME is not the workers': the pull step must read the worker's
+    server.run("infra/register.sh", env={"DARWIN_GPU_POOL_TYPE": "kubernetes", "DARWIN_GPUS": "3",
+                                         "DARWIN_HOME": "/nowhere/on/the/deployer"})
     print(f"infra/register.sh: {time.perf_counter() - started:.1f} s")
 
     async def registered(client):
@@ -222,6 +224,7 @@ def test_register_deploy_and_run_once_through_a_process_worker(server, pico_fami
     nightly = by_name["evolve-nightly"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"] and nightly.work_pool_name == "darwin-gpu"
     assert nightly.parameters["config_path"] == "deployments/configs/nightly.yaml"
+    assert "/nowhere/on/the/deployer" not in json.dumps(nightly.pull_steps)
 
     config = write_config(tmp_path / "smoke.yaml", pico_family, phase1__steps=0, phase2__steps=1, phase2__popsize=2)
     run = tmp_path / "deployed-run"
