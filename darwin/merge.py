@@ -366,8 +366,10 @@ def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None)
     }
 
 
-def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrite: bool = False) -> Path:
-    """Write the child as an HF checkpoint with the father's shard layout, plus merge_report.json.
+def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrite: bool = False,
+                 progress: Callable[[int], None] | None = None) -> Path:
+    """Write the child as an HF checkpoint with the father's shard layout, plus merge_report.json; `progress(bytes)`
+    is told the size of every tensor merged (a bar's step).
 
     Everything goes to a temporary sibling directory renamed into place at the end: a failed merge leaves no OUT.
     """
@@ -388,6 +390,8 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                         last_write.result()  # at most one tensor waits for the disk: memory stays bounded
                     last_write = write_pool.submit(stream.write, name, tensor)
                     rows[name] = row
+                    if progress is not None:
+                        progress(tensor.nbytes)
                 if last_write is not None:
                     last_write.result()
                     last_write = None

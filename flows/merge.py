@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tqdm import tqdm
+
 from darwin.checkpoint import Checkpoint
 from darwin.genome import Genome
 from darwin.merge import METHODS, load_mri, merge_to_dir, plan_merge
@@ -52,7 +54,11 @@ def command(args: argparse.Namespace) -> int:
         mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
         signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother), strict=args.strict,
     )
-    out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite)
+    total = sum(plan.source(tp).nbytes for tp in plan.tensors)
+    # a bar per tensor in a terminal (mergekit shows one too), nothing when the output is a file or a pipe
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None, leave=False) as bar:
+        out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite,
+                           progress=bar.update)
     report = json.loads((out / "merge_report.json").read_text())
     rows = report["tensors"].values()
     transplants = sum(1 for row in rows if row.get("transplant"))

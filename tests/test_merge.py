@@ -419,3 +419,10 @@ def test_phase2_places_experts_as_transformers_loads_them(pico_checkpoint, tmp_p
         assert torch.equal(value, expected[key]), key
     fused = [k for k in before if "experts" in k and before[k].dim() == 3]
     assert fused and all(not torch.equal(model.state_dict()[k], before[k]) for k in fused)
+
+
+def test_the_merge_reports_progress_tensor_by_tensor(parents, tmp_path):
+    steps = []
+    out = Checkpoint(merge_to_dir(plan_merge(parents["father"], parents["mother"], Genome.from_dict(V5), "darwin-v5"),
+                                  tmp_path / "child", progress=steps.append))
+    assert len(steps) == len(out.tensors) and sum(steps) == out.nbytes
