@@ -76,12 +76,19 @@ def device_type(text: str) -> str:
     return text
 
 
+def _version() -> str:
+    try:
+        return metadata.version("darwin-merge")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`argv` None: this process is the command (the console script), so its imports may be frozen."""
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="darwin", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"darwin {metadata.version('darwin-merge')}")
+    parser.add_argument("--version", action="version", version=f"darwin {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
