@@ -44,8 +44,8 @@ def table(report: dict, genome: dict) -> str:
                                                                                                  "child")))
     lines.append(f"{'held-out mean':{width}}" + "".join(f"{report['fitness'][r]:9.3f}" for r in ("father", "mother",
                                                                                                   "child")))
-    lines.append(f"McNemar p (child vs father) = {report['p_values']['father']:.4f}, "
-                 f"(child vs mother) = {report['p_values']['mother']:.4f}, over {report['questions']} questions")
+    lines.append(f"McNemar p (child vs father) = {report['p_values']['father']:.2g}, "
+                 f"(child vs mother) = {report['p_values']['mother']:.2g}, over {report['questions']} questions")
     fitness = report["fitness"]
     if fitness["child"] <= max(fitness["father"], fitness["mother"]):
         verdict = "does not beat both parents"
