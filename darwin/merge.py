@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -413,13 +414,24 @@ class ModelPlacement:
     the model), with that converter; the rest the model does not build (a vision tower, MTP)."""
 
     direct: dict[str, str]
-    converted: dict[str, tuple[object, str, list[tuple[str, str]]]]  # parameter -> (converter, key, [(name, pattern)])
+    converted: dict[str, tuple[object, list[tuple[str, str]]]]  # parameter -> (converter, [(name, pattern)])
+    group_of: dict[str, str] = field(init=False)  # name -> the converted parameter it is a source of
+
+    def __post_init__(self):
+        self.group_of = {name: target for target, (_, names) in self.converted.items() for name, _ in names}
 
     def placed(self, name: str) -> bool:
-        return name in self.direct or any(name == n for _, _, names in self.converted.values() for n, _ in names)
+        return name in self.direct or name in self.group_of
+
+
+# Per model, the placement of the names last asked: Phase 2 merges into the same skeleton for every genome.
+_placements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def place_in_model(model: torch.nn.Module, names: list[str]) -> ModelPlacement:
+    cached = _placements.get(model)
+    if cached is not None and cached[0] == names:
+        return cached[1]
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings, dot_natural_key
 
@@ -434,8 +446,7 @@ def place_in_model(model: torch.nn.Module, names: list[str]) -> ModelPlacement:
             target, pattern = converter.rename_source_key(renamed)
             if pattern is not None:
                 if target in state:
-                    group = converted.setdefault(target, (copy.deepcopy(converter), target, []))
-                    group[2].append((name, pattern))
+                    converted.setdefault(target, (converter, []))[1].append((name, pattern))
                 break
         else:
             prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
@@ -443,7 +454,9 @@ def place_in_model(model: torch.nn.Module, names: list[str]) -> ModelPlacement:
                 if candidate and candidate in state:  # as from_pretrained adds or strips the base model's prefix
                     direct[name] = candidate
                     break
-    return ModelPlacement(direct, converted)
+    placement = ModelPlacement(direct, converted)
+    _placements[model] = (list(names), placement)
+    return placement
 
 
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
@@ -462,10 +475,9 @@ def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu
     if missing:
         raise DarwinError(f"the model has no parameter for {len(missing)} checkpoint tensors, e.g. {missing[0]}")
     by_name = {tp.name: tp for tp in plan.tensors}
-    group_of = {name: target for target, (_, _, names) in placement.converted.items() for name, _ in names}
     # a converted parameter is built from all its sources, the father's own ones too
     wanted = [tp.name for tp in plan.tensors if placement.placed(tp.name) and (tp.carried != "father"
-                                                                               or tp.name in group_of)]
+                                                                               or tp.name in placement.group_of)]
     pending: dict[str, dict[str, torch.Tensor]] = {}  # converted parameter -> its merged sources so far
     rows = {}
     with torch.no_grad():
@@ -475,14 +487,14 @@ def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu
             if name in placement.direct:
                 state[placement.direct[name]].copy_(tensor)
                 continue
-            target = group_of[name]
+            target = placement.group_of[name]
             pending.setdefault(target, {})[name] = tensor.clone()  # `raw` may be recycled memory
-            converter, key, sources = placement.converted[target]
+            converter, sources = placement.converted[target]
             if len(pending[target]) == len(sources):
-                group = copy.deepcopy(converter)
+                group = copy.deepcopy(converter)  # it collects the tensors it converts
                 for source, pattern in sources:
-                    group.add_tensor(key, source, pattern, pending[target][source])
-                for parameter, value in group.convert(key, model=model, config=model.config).items():
+                    group.add_tensor(target, source, pattern, pending[target][source])
+                for parameter, value in group.convert(target, model=model, config=model.config).items():
                     state[parameter].copy_(value)
                 del pending[target]
     return rows
