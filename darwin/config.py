@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from darwin.errors import DarwinError
+from darwin.runtime import DEVICE_PATTERN
 
 
 class _Strict(BaseModel):
@@ -34,7 +35,7 @@ class Phase2(_Strict):
     split: Split = "validation"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     sigma0: float = Field(0.15, gt=0.0, le=0.5)
 
 

@@ -13,6 +13,10 @@ from darwin.errors import DarwinError
 CACHE_ROOT = Path(os.environ.get("DARWIN_CACHE", Path.home() / ".cache" / "darwin"))
 
 
+# What a device may be written as, on the command line and in a run config
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "cpu":  # without importing torch: `darwin merge` on CPU runs without it
         return device

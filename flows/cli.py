@@ -66,12 +66,11 @@ def _quiet_user_errors() -> None:
                 handler.addFilter(_UserErrorLines())
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
 def device_type(text: str) -> str:
     """argparse type of every --device: refused at once, not when a phase first reaches for the device."""
-    if not DEVICE.fullmatch(text):
+    from darwin.runtime import DEVICE_PATTERN
+
+    if not re.match(DEVICE_PATTERN, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda or cuda:N)")
     return text
 

@@ -17,6 +17,7 @@ the first losses of each training, which `replay_trace` reproduces in seconds on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -102,6 +103,7 @@ def recipe_key(seed: int, recipe: Recipe) -> str:
                           .encode()).hexdigest()[:16]
 
 
+@functools.cache  # both trainings of a build (and of replay_trace) read it
 def _lessons(seed: int) -> tuple[dict[str, list], list]:
     parts = {name: skills.splits(name, seed) for name in skills.SKILLS}
     return ({name: qa_pairs(split["train"]) for name, split in parts.items()},

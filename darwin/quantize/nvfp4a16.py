@@ -78,17 +78,19 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
     # vLLM and transformers quantize every Linear a pattern does not exclude, so every module kept BF16 that
     # holds a matrix is named (norms and biases have no module of their own to name).
     ignore = []
-    amax: dict[str, torch.Tensor] = {}  # fused group -> the largest magnitude of its parts (a first, reading pass)
+    # fused group -> the largest magnitude of its parts, in a first pass over the parts of fused groups only
+    amax: dict[str, torch.Tensor] = {}
     for name, info in ckpt.tensors.items():
-        if is_quantized(ckpt, info):
-            group = fused_group(name.removesuffix(".weight"))
+        module = name.removesuffix(".weight")
+        if is_quantized(ckpt, info) and fused_group(module) != module:
+            group = fused_group(module)
             amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), ckpt.read(name).float().abs().max())
     with CheckpointWriter(out) as writer:
         for name, info in ckpt.tensors.items():
             tensor = ckpt.read(name)
             if is_quantized(ckpt, info):
                 module = name.removesuffix(".weight")
-                for param, value in compress_weight(tensor, amax[fused_group(module)]).items():
+                for param, value in compress_weight(tensor, amax.get(fused_group(module))).items():
                     writer.add(f"{module}.{param}", value)
             else:
                 writer.add(name, tensor)
