@@ -1,9 +1,11 @@
 """Checkpoint I/O: where a model lives, lazy reads by tensor name, and an atomic, streaming sharded writer.
 
-A model is a local directory, a Hugging Face hub id, or any fsspec URL (s3://...). Weights are safetensors
-(sharded with `model.safetensors.index.json`, or one `model.safetensors`); pickle checkpoints are refused unless
-asked for. Nothing here holds a whole model in memory: readers return one tensor at a time, and the writer
-streams each tensor into its shard file behind a header written first (the plan knows every shape in advance).
+A model is a local directory, a Hugging Face hub id (`org/name`, or `org/name@revision`), or any fsspec URL
+(s3://...); a PEFT LoRA adapter on its base (`BASE+ADAPTER`, or an adapter naming its base) reads as the merged model
+(darwin.lora). Weights are safetensors (sharded with `model.safetensors.index.json`, or one `model.safetensors`);
+pickle checkpoints are refused unless asked for. Nothing here holds a whole model in memory: readers return one
+tensor at a time, and the writer streams each tensor into its shard file behind a header written first (the plan
+knows every shape in advance).
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import struct
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from darwin import lora
 from darwin.errors import DarwinError
 from darwin.kinds import Family, family_for_config
-from darwin.runtime import CACHE_ROOT
+from darwin.runtime import CACHE_ROOT, MODEL_LOAD_LOCK
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: `darwin merge` on CPU runs without it
     import torch
@@ -37,7 +40,7 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PICKLE_SINGLE_NAME = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name@revision
 REMOTE_CACHE = CACHE_ROOT / "remote"
 
 # A tensor's dtype is its safetensors code (as in the shard header): the torch dtype of that name, and the numpy
@@ -111,9 +114,10 @@ class TensorInfo:
 # Where a model lives
 # ---------------------------------------------------------------------------------------------------------------
 
-def resolve(model: str | os.PathLike) -> Path:
+def resolve(model: str | os.PathLike, trust_remote_code: bool = False) -> Path:
     """A local directory holding the checkpoint: as given, downloaded from an fsspec URL into darwin's cache,
-    or resolved through huggingface_hub's cache (offline mode and missing repos are one clear error)."""
+    or resolved through huggingface_hub's cache (offline mode and missing repos are one clear error). A hub
+    model's own code (`*.py`) is fetched only when its code is trusted."""
     text = str(model)
     if text.startswith("file://"):
         text = text.removeprefix("file://")
@@ -125,19 +129,45 @@ def resolve(model: str | os.PathLike) -> Path:
             raise DarwinError(f"model path is not a directory: {path}")
         return path
     if HUB_ID.match(text) and not text.startswith((".", "/")):
-        return _fetch_hub(text)
+        return _fetch_hub(text, trust_remote_code)
     raise DarwinError(f"model path does not exist: {path}")
 
 
-def _fetch_hub(repo_id: str) -> Path:
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def _fetch_hub(text: str, trust_remote_code: bool) -> Path:
     from huggingface_hub import snapshot_download
 
+    repo_id, _, revision = text.partition("@")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                               "*.jinja", "tokenizer*"]))
-    except Exception as exc:  # offline mode, missing repo, no network: all the same to the user
-        raise DarwinError(f"model {repo_id!r} is not a local directory and could not be fetched from the "
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=HUB_FILES + (["*.py"] if trust_remote_code else [])))
+    except Exception as exc:  # offline mode, missing repo or revision, no network: all the same to the user
+        raise DarwinError(f"model {text!r} is not a local directory and could not be fetched from the "
                           f"Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def split_adapter(model: str | os.PathLike, trust_remote_code: bool = False) -> tuple[Path, Path | None]:
+    """(the base's directory, the adapter's directory or None) of a parent: `BASE+ADAPTER`, an adapter directory or
+    hub id whose adapter_config.json names its base, or a plain checkpoint."""
+    text = str(model)
+    if "+" in text and not Path(text).expanduser().exists():
+        base, adapter = text.rsplit("+", 1)
+        directory = resolve(adapter)
+        if not lora.is_adapter(directory):
+            raise DarwinError(f"{adapter} holds no {lora.CONFIG_NAME}: BASE+ADAPTER takes a PEFT adapter after the +")
+        return resolve(base, trust_remote_code), directory
+    path = resolve(text, trust_remote_code)
+    if not lora.is_adapter(path) or (path / INDEX_NAME).exists() or (path / SINGLE_NAME).exists():
+        return path, None
+    base = json.loads((path / lora.CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise DarwinError(f"the adapter {path} names no base model (base_model_name_or_path): pass BASE+{text}")
+    try:
+        return resolve(base, trust_remote_code), path
+    except DarwinError as exc:
+        raise DarwinError(f"the base of the adapter {path}: {exc} (pass BASE+{text} to name it)") from None
 
 
 def _fetch_remote(url: str) -> Path:
@@ -171,8 +201,8 @@ def _fetch_remote(url: str) -> Path:
 class Checkpoint:
     """A checkpoint's tensor index, read from the shard headers only; tensors are read one at a time by name."""
 
-    def __init__(self, model: str | os.PathLike, allow_pickle: bool = False):
-        self.path = resolve(model)
+    def __init__(self, model: str | os.PathLike, allow_pickle: bool = False, trust_remote_code: bool = False):
+        self.path, adapter = split_adapter(model, trust_remote_code)
         self.config = self._read_config()
         self.family: Family = family_for_config(self.config)
         self._pickled_states: dict[str, object] = {}
@@ -185,6 +215,10 @@ class Checkpoint:
                 self.tensors[info.name] = info
         if not self.tensors:
             raise DarwinError(f"checkpoint has no tensors: {self.path}")
+        self.adapter = lora.LoraAdapter(adapter, self) if adapter is not None else None
+        for name in self.adapter.replaced if self.adapter else ():
+            shape, _ = self.adapter.shape(name)
+            self.tensors[name] = replace(self.tensors[name], shape=shape)
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.shards)} shards)"
@@ -257,12 +291,27 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         info = self._info(name)
+        if self._adapted(name):
+            return self.adapter.apply(name, self._read_stored(name), torch_dtype(info.dtype))
+        return self._read_stored(name)
+
+    def _adapted(self, name: str) -> bool:
+        return self.adapter is not None and (name in self.adapter.deltas or name in self.adapter.replaced)
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        info = self._info(name)
         if self._pickled:
             return self._pickled_states[info.shard][name]
-        return to_torch(self.read_array(name), info.dtype)
+        return to_torch(self._read_stored_array(name), info.dtype)
 
     def read_array(self, name: str) -> np.ndarray:
-        """The tensor's raw bits (numpy dtype `raw_dtype(info.dtype)`, its shape): a view of the mapped shard."""
+        """The tensor's raw bits (numpy dtype `raw_dtype(info.dtype)`, its shape): a view of the mapped shard, or
+        the adapted weight of an adapter parent."""
+        if self._adapted(name):
+            return to_raw(self.read(name))
+        return self._read_stored_array(name)
+
+    def _read_stored_array(self, name: str) -> np.ndarray:
         info = self._info(name)
         if self._pickled:
             return to_raw(self._pickled_states[info.shard][name])
@@ -310,10 +359,26 @@ class Checkpoint:
         """Identity of the weights for cache keys: the sha256 of every shard's bytes and of config.json. A header or
         first bytes alone let two mothers that differ in a later tensor share every fitness entry."""
         digest = hashlib.sha256()
-        for name in ("config.json", *self.shards):
-            if (self.path / name).is_file():
-                digest.update(f"{name}:{content_sha256(self.path / name)}\n".encode())
+        files = [self.path / name for name in ("config.json", *self.shards)]
+        if self.adapter is not None:
+            files += [self.adapter.path / lora.CONFIG_NAME, self.adapter.path / lora.WEIGHTS_NAME]
+        for path in files:
+            if path.is_file():
+                digest.update(f"{path.name}:{content_sha256(path)}\n".encode())
         return digest.hexdigest()[:16]
+
+    def load_model(self, **kwargs):
+        """The model transformers' AutoModelForCausalLM builds from this checkpoint (`kwargs` go to from_pretrained);
+        an adapter parent's model is its base with the adapter merged by peft."""
+        from transformers import AutoModelForCausalLM
+
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+            if self.adapter is None:
+                return model
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, self.adapter.path).merge_and_unload()
 
 
 def content_sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ from darwin.evaluate import EvalResult, TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
 from darwin.prescribe import RULES_VERSION, load_signals
-from darwin.runtime import CACHE_ROOT, load_pretrained
+from darwin.runtime import CACHE_ROOT
 
 # Phase 1's measured proxy: the same tasks on their first questions only, scored by the mean margin of the right
 # answer (continuous) rather than accuracy on so few questions.
@@ -106,10 +106,10 @@ def worker_device(requested: str) -> str:
 
 def _load(checkpoint: Checkpoint, device: str):
     """(model in the checkpoint's dtype on `device`, tokenizer), as transformers loads that checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dtype = torch_dtype(next(iter(checkpoint.tensors.values())).dtype)
-    model = load_pretrained(AutoModelForCausalLM, checkpoint.path, dtype=dtype).to(device).eval()
+    model = checkpoint.load_model(dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(checkpoint.path)
 
 

@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, Tensor
 from darwin.errors import DarwinError
 from darwin.genome import Genome
 from darwin.mri import PROFILE_HINT, array_stats, tensor_stats
+from darwin.placement import place_in_model
 from darwin.prescribe import ParentSignals
 from darwin.report import read_columns
 from darwin.runtime import cpu_threads
@@ -405,60 +405,6 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
         raise
 
 
-@dataclass
-class ModelPlacement:
-    """Where a checkpoint's tensors go in a model built by transformers, by transformers' own conversion rules for
-    that model (`get_model_conversion_mapping`): `direct` maps a name onto one parameter (the renames
-    `from_pretrained` applies, e.g. a release's `model.language_model.*` onto the text model's `model.*`);
-    `converted` groups the names one WeightConverter turns into one parameter (experts stored per expert, fused in
-    the model), with that converter; the rest the model does not build (a vision tower, MTP)."""
-
-    direct: dict[str, str]
-    converted: dict[str, tuple[object, list[tuple[str, str]]]]  # parameter -> (converter, [(name, pattern)])
-    group_of: dict[str, str] = field(init=False)  # name -> the converted parameter it is a source of
-
-    def __post_init__(self):
-        self.group_of = {name: target for target, (_, names) in self.converted.items() for name, _ in names}
-
-    def placed(self, name: str) -> bool:
-        return name in self.direct or name in self.group_of
-
-
-# Per model, the placement of the names last asked: Phase 2 merges into the same skeleton for every genome.
-_placements: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def place_in_model(model: torch.nn.Module, names: list[str]) -> ModelPlacement:
-    cached = _placements.get(model)
-    if cached is not None and cached[0] == names:
-        return cached[1]
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings, dot_natural_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    state = model.state_dict()
-    direct, converted = {}, {}
-    for name in sorted(names, key=dot_natural_key):  # transformers feeds a converter its tensors in this order
-        renamed = apply_renamings(name, renamings)
-        for converter in converters:
-            target, pattern = converter.rename_source_key(renamed)
-            if pattern is not None:
-                if target in state:
-                    converted.setdefault(target, (converter, []))[1].append((name, pattern))
-                break
-        else:
-            prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
-            for candidate in (renamed, prefix and prefix + renamed, prefix and renamed.removeprefix(prefix)):
-                if candidate and candidate in state:  # as from_pretrained adds or strips the base model's prefix
-                    direct[name] = candidate
-                    break
-    placement = ModelPlacement(direct, converted)
-    _placements[model] = (list(names), placement)
-    return placement
-
-
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, device: str = "cpu") -> dict[str, dict]:
     """Fill an already-built model's parameters with the merged tensors (Phase 2 evaluates from memory), placed
     as transformers places that checkpoint's tensors (`place_in_model`: renamed, or converted, e.g. per-expert
@@ -519,5 +465,17 @@ def existing_merge(out: str | Path, genome: Genome, method: str) -> bool:
     return done.get("genome_hash") == genome.hash and done.get("method") == method
 
 
-__all__ = ["METHODS", "MergePlan", "TensorPlan", "plan_merge", "merge_to_dir", "merge_into_model", "merged_tensors",
-           "merge_tensor", "load_mri", "existing_merge", "report", "asdict"]
+__all__ = [
+    "METHODS",
+    "MergePlan",
+    "TensorPlan",
+    "asdict",
+    "existing_merge",
+    "load_mri",
+    "merge_into_model",
+    "merge_tensor",
+    "merge_to_dir",
+    "merged_tensors",
+    "plan_merge",
+    "report",
+]

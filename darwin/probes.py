@@ -26,7 +26,7 @@ import torch
 
 from darwin.errors import DarwinError
 from darwin.report import png, read_table, write_table
-from darwin.runtime import load_pretrained, pick_device
+from darwin.runtime import pick_device
 
 COLUMNS = ["layer", "probe", "importance"]
 POOLS = ("last", "mean")
@@ -64,18 +64,19 @@ def load_model(path_or_model, device: str = "auto", trust_remote_code: bool = Fa
     """(model, tokenizer), the model in eval mode on `device` in its checkpoint dtype. A multimodal Qwen3.5
     checkpoint (`Qwen3_5ForConditionalGeneration`) loads as its text model: transformers maps
     `model.language_model.*` onto `Qwen3_5ForCausalLM` and leaves the vision tower and MTP head on disk.
-    A live model is accepted too; its tokenizer comes from `model.name_or_path`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    An adapter parent loads as its base with the adapter merged. A live model is accepted too; its tokenizer comes
+    from `model.name_or_path`."""
+    from transformers import AutoTokenizer, PreTrainedModel
 
     device = pick_device(device)
     if isinstance(path_or_model, PreTrainedModel):
         model, source = path_or_model.to(device), path_or_model.name_or_path
     else:
-        from darwin.checkpoint import resolve
+        from darwin.checkpoint import Checkpoint
 
-        source = resolve(path_or_model)
-        model = load_pretrained(AutoModelForCausalLM, source, dtype="auto", device_map=device,
-                                trust_remote_code=trust_remote_code)
+        checkpoint = Checkpoint(path_or_model, trust_remote_code=trust_remote_code)
+        source = checkpoint.path
+        model = checkpoint.load_model(dtype="auto", device_map=device, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
