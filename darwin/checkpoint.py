@@ -220,8 +220,14 @@ class Checkpoint:
             shape, _ = self.adapter.shape(name)
             self.tensors[name] = replace(self.tensors[name], shape=shape)
 
+    @property
+    def source(self) -> str:
+        """What opens this checkpoint again (in another task or process): its directory, `BASE+ADAPTER` for an
+        adapter parent."""
+        return str(self.path) if self.adapter is None else f"{self.path}+{self.adapter.path}"
+
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.shards)} shards)"
+        return f"Checkpoint({self.source!r}, {len(self.tensors)} tensors, {len(self.shards)} shards)"
 
     def _read_config(self) -> dict:
         path = self.path / "config.json"

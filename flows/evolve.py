@@ -116,17 +116,17 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
 
     # Phase 0: static MRI of both parents (per-shard fan-out); probes for a v6 genome (its prescription weighs them,
     # whatever the method), MoE routing whenever a parent has experts (dead-expert transplant)
-    mri_father = profile_flow(str(father.path), str(layout.path("mri", "father")), device, "father")
-    mri_mother = profile_flow(str(mother.path), str(layout.path("mri", "mother")), device, "mother")
+    mri_father = profile_flow(father.source, str(layout.path("mri", "father")), device, "father")
+    mri_mother = profile_flow(mother.source, str(layout.path("mri", "mother")), device, "mother")
     probes, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
     for role, checkpoint in (("father", father), ("mother", mother)):
         out = str(layout.path("probes", role))
         if cfg.genome == "v6":
-            probe_model(str(checkpoint.path), out, device=device, label=role)
+            probe_model(checkpoint.source, out, device=device, label=role)
             probed[role] = out
-        if routing_stats(str(checkpoint.path), out, device=device, label=role) or probed[role]:
+        if routing_stats(checkpoint.source, out, device=device, label=role) or probed[role]:
             probes[role] = out
-    parents = fitness.Parents(str(father.path), str(mother.path), cfg.method, str(base.path) if base else None,
+    parents = fitness.Parents(father.source, mother.source, cfg.method, base.source if base else None,
                               mri_father, mri_mother, probes["father"], probes["mother"])
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)

@@ -18,7 +18,7 @@ from tasks.mri import profile_shard, write_profile
 @flow(name="darwin-profile", log_prints=True)
 def profile_flow(model: str, out: str, device: str = "auto", label: str = "model") -> str:
     checkpoint = Checkpoint(model)
-    rows = profile_shard.map(unmapped(str(checkpoint.path)), checkpoint.shards, unmapped(pick_device(device)))
+    rows = profile_shard.map(unmapped(checkpoint.source), checkpoint.shards, unmapped(pick_device(device)))
     return write_profile(rows, out, label)
 
 
