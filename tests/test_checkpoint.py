@@ -81,6 +81,28 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch):
         resolve("darwin-test-org/not-a-real-model")
 
 
+def test_a_hub_revision_resolves_through_huggingface_hubs_cache(pico_checkpoint, tmp_path, monkeypatch):
+    """`org/name@rev` is huggingface_hub's revision: a cache holding two revisions of one repo (as downloads leave
+    it: refs/<rev> -> commit, snapshots/<commit>/) gives each; a revision it lacks is named in the error."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--acme--pico"
+    commits = {"v1": "1" * 40, "main": "2" * 40}
+    for (ref, commit), seed in zip(commits.items(), (0, 1)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        shutil.copytree(pico_checkpoint("llama", seed=seed), repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve("acme/pico@v1") == repo / "snapshots" / commits["v1"]
+    assert resolve("acme/pico") == repo / "snapshots" / commits["main"]
+    assert Checkpoint("acme/pico@v1").fingerprint() != Checkpoint("acme/pico").fingerprint()
+    with pytest.raises(DarwinError, match="'acme/pico@v2' is not a local directory"):
+        resolve("acme/pico@v2")
+
+
 def test_fsspec_url_is_copied_once(pico_checkpoint, tmp_path, monkeypatch):
     import darwin.checkpoint as ckpt
 
