@@ -44,6 +44,7 @@ from darwin.genome import Genome
 from darwin.mri import PROFILE_HINT, array_stats, tensor_stats
 from darwin.placement import place_in_model
 from darwin.prescribe import ParentSignals
+from darwin.progress import Progress
 from darwin.report import read_columns
 from darwin.runtime import cpu_threads
 
@@ -368,9 +369,9 @@ def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None)
 
 
 def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrite: bool = False,
-                 progress: Callable[[int], None] | None = None) -> Path:
-    """Write the child as an HF checkpoint with the father's shard layout, plus merge_report.json; `progress(bytes)`
-    is told the size of every tensor merged (a bar's step).
+                 progress: Progress | None = None) -> Path:
+    """Write the child as an HF checkpoint with the father's shard layout, plus merge_report.json;
+    `progress(bytes done, bytes in all)` after every tensor.
 
     Everything goes to a temporary sibling directory renamed into place at the end: a failed merge leaves no OUT.
     """
@@ -379,6 +380,7 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                               metadata={"genome_hash": plan.genome.hash, "merge_method": plan.method})
     rows: dict[str, dict] = {}
     ring = BufferRing(depth=2)  # one tensor being written while the next is merged
+    done, total = 0, sum(plan.source(tp).nbytes for tp in plan.tensors)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-write") as write_pool:
             last_write = None
@@ -391,8 +393,9 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                         last_write.result()  # at most one tensor waits for the disk: memory stays bounded
                     last_write = write_pool.submit(stream.write, name, tensor)
                     rows[name] = row
+                    done += tensor.nbytes
                     if progress is not None:
-                        progress(tensor.nbytes)
+                        progress(done, total)
                 if last_write is not None:
                     last_write.result()
                     last_write = None

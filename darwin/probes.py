@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from darwin.errors import DarwinError
+from darwin.progress import Progress
 from darwin.report import png, read_table, write_table
 from darwin.runtime import pick_device
 
@@ -131,9 +132,9 @@ def final_hidden(model, batch: dict, pool: str = "last") -> torch.Tensor:
 
 @torch.inference_mode()
 def layer_importance(model, tokenizer, probes: dict[str, list[str]], device=None, batch_size: int = 8,
-                     pool: str = "last") -> pd.DataFrame:
+                     pool: str = "last", progress: Progress | None = None) -> pd.DataFrame:
     """DataFrame (layer, probe, importance): mean cosine distance over each probe's prompts between the full
-    model's final hidden state and the one with that layer skipped."""
+    model's final hidden state and the one with that layer skipped; `progress(passes, all passes)`."""
     if pool not in POOLS:
         raise DarwinError(f"unknown pooling {pool!r} (one of {', '.join(POOLS)})")
     device = device or next(model.parameters()).device
@@ -141,13 +142,16 @@ def layer_importance(model, tokenizer, probes: dict[str, list[str]], device=None
     labels = [name for name, prompts in probes.items() for _ in prompts]
     texts = [prompt for prompts in probes.values() for prompt in prompts]
     distance = torch.zeros(len(layers), len(texts))
-    for start, batch in batches(tokenizer, texts, batch_size, device):
+    passes = -(-len(texts) // batch_size) * (len(layers) + 1)
+    for number, (start, batch) in enumerate(batches(tokenizer, texts, batch_size, device)):
         full = final_hidden(model, batch, pool)
         for index, layer in enumerate(layers):
             with skipped(layer):
                 cut = final_hidden(model, batch, pool)
             cosine = torch.nn.functional.cosine_similarity(full, cut, dim=-1)
             distance[index, start:start + len(full)] = (1 - cosine).clamp_min(0).cpu()
+        if progress is not None:
+            progress((number + 1) * (len(layers) + 1), passes)
     frame = pd.DataFrame({"layer": [i for i in range(len(layers)) for _ in texts],
                           "probe": labels * len(layers), "importance": distance.flatten().tolist()})
     frame = frame.groupby(["layer", "probe"], sort=False, as_index=False)["importance"].mean()

@@ -145,9 +145,9 @@ def publish(source_dir: str | Path, dest: str, *, card: str | None = None, extra
             on_uploaded: Callable[[str, int, int], None] | None = None) -> str:
     """Upload `source_dir` (plus `card` as README.md) to `dest`; return the URL of the manifest, written last.
 
-    `extra` goes into the manifest as is (e.g. `genome_hash`, `commit`, `name`). `on_uploaded(rel_path, done,
-    to_upload)` is called after each file arrives (progress); an exception it raises interrupts the release like
-    a network failure would. S3 memory bound: `workers * max_concurrency * chunksize` bytes in flight.
+    `extra` goes into the manifest as is (e.g. `genome_hash`, `commit`, `name`). `on_uploaded(rel_path, bytes done,
+    bytes to upload)` is called after each file arrives (progress); an exception it raises interrupts the release
+    like a network failure would. S3 memory bound: `workers * max_concurrency * chunksize` bytes in flight.
     """
     files = release_files(source_dir)
     fs, root = open_destination(dest, storage_options)
@@ -185,6 +185,7 @@ def _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurr
     journal = {rel: entry for rel, entry in recorded.items() if rel in entries and rel not in todo}
     lock = threading.Lock()
     done = []
+    to_upload = sum(entries[rel]["size"] for rel in todo)
     # An unfinished release must not look finished: the old manifest goes before the first byte changes.
     try:
         if fs.exists(f"{root}/{MANIFEST}"):
@@ -202,9 +203,9 @@ def _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurr
             journal[rel] = entries[rel]
             fs.pipe_file(f"{root}/{JOURNAL}", json.dumps({"files": journal}).encode())
             done.append(rel)
-            count = len(done)
+            sent = sum(entries[r]["size"] for r in done)
         if on_uploaded is not None:
-            on_uploaded(rel, count, len(todo))
+            on_uploaded(rel, sent, to_upload)
 
     order = sorted(todo, key=lambda rel: -entries[rel]["size"])
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="darwin-publish")

@@ -3,6 +3,7 @@
 Each subcommand lives in its own module with `add_arguments(parser)` and `command(args) -> int`; only the
 module of the command being run is imported, so `darwin merge` does not pay for Prefect or lm-eval at start-up.
 User errors (`DarwinError`) print as one line and exit 2, also when raised inside a flow; no traceback.
+`-q` shows errors and results only (no progress bars, Prefect's warnings and up); `-v` adds debug logs.
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ def device_type(text: str) -> str:
     return text
 
 
+# What -q and -v set, before a command's module is imported: Prefect and transformers read them at import
+QUIET_ENV = {"DARWIN_QUIET": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "PREFECT_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error"}
+VERBOSE_ENV = {"PREFECT_LOGGING_LEVEL": "DEBUG", "TRANSFORMERS_VERBOSITY": "info"}
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="errors and results only: no progress, no logs")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logs of darwin, Prefect and transformers")
+
+
+def _set_verbosity(argv: list[str]) -> None:
+    if any(arg in ("-q", "--quiet") for arg in argv):
+        os.environ.update(QUIET_ENV)
+    elif any(arg in ("-v", "--verbose") for arg in argv):
+        os.environ.update(VERBOSE_ENV)
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
 def _version() -> str:
     try:
         return metadata.version("darwin-merge")
@@ -88,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="darwin", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"darwin {_version()}")
+    _add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv or ["--help"])  # --version and --help exit here
-        return 2
-    name = argv[0]
+    # -q / -v may come before the command (darwin -q merge ...) or among its options
+    leading = argv[:next((i for i, arg in enumerate(argv) if arg in COMMANDS), len(argv))]
+    if len(leading) == len(argv) or any(arg not in ("-q", "--quiet", "-v", "--verbose") for arg in leading):
+        parser.parse_args(argv or ["--help"])  # --version, --help and unknown commands exit here
+        parser.error("a COMMAND is required")
+    name, rest = argv[len(leading)], leading + argv[len(leading) + 1:]
+    _set_verbosity(rest)
     module = (_import_frozen if own_process else importlib.import_module)(COMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"darwin {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
+    _add_verbosity(command_parser)
+    args = command_parser.parse_args(rest)
     from darwin.errors import DarwinError
 
     if "prefect" in sys.modules:  # the command runs flows: Prefect's logging is configured

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from tqdm import tqdm
-
 from darwin.checkpoint import Checkpoint
 from darwin.genome import Genome
 from darwin.merge import METHODS, load_mri, merge_to_dir, plan_merge
 from darwin.prescribe import load_signals
+from darwin.progress import Tracker
 from darwin.runtime import pick_device
 from flows.cli import device_type
 
@@ -54,11 +53,10 @@ def command(args: argparse.Namespace) -> int:
         mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
         signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother), strict=args.strict,
     )
-    total = sum(plan.source(tp).nbytes for tp in plan.tensors)
-    # a bar per tensor in a terminal (mergekit shows one too), nothing when the output is a file or a pipe
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None, leave=False) as bar:
+    # a bar moved per tensor in a terminal (mergekit shows one too), nothing under -q or into a file or a pipe
+    with Tracker("merge", unit="B") as progress:
         out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite,
-                           progress=bar.update)
+                           progress=progress)
     report = json.loads((out / "merge_report.json").read_text())
     rows = report["tensors"].values()
     transplants = sum(1 for row in rows if row.get("transplant"))

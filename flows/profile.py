@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 
 from prefect import flow, unmapped
+from prefect.futures import as_completed
 
 from darwin.checkpoint import Checkpoint
 from darwin.runtime import pick_device
 from flows.cli import device_type
+from tasks import tracked
 from tasks.mri import profile_shard, write_profile
 
 
@@ -19,6 +21,9 @@ from tasks.mri import profile_shard, write_profile
 def profile_flow(model: str, out: str, device: str = "auto", label: str = "model") -> str:
     checkpoint = Checkpoint(model)
     rows = profile_shard.map(unmapped(checkpoint.source), checkpoint.shards, unmapped(pick_device(device)))
+    with tracked(f"MRI of {label}", f"mri-{label}-progress", unit="shard") as progress:
+        for done, _ in enumerate(as_completed(rows), 1):
+            progress(done, len(rows))
     return write_profile(rows, out, label)
 
 

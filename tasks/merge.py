@@ -10,6 +10,7 @@ from darwin.checkpoint import Checkpoint
 from darwin.genome import Genome
 from darwin.merge import existing_merge, load_mri, merge_to_dir, plan_merge
 from darwin.prescribe import load_signals
+from tasks import tracked
 from tasks.policy import retry_unless_user_error
 
 
@@ -30,4 +31,5 @@ def merge_child(father: str, mother: str, genes: dict, method: str, out: str, ba
     plan = plan_merge(Checkpoint(father), Checkpoint(mother), genome, method,
                       base=Checkpoint(base) if base else None, mri_a=load_mri(mri_father), mri_b=load_mri(mri_mother),
                       signals_a=load_signals(probes_father), signals_b=load_signals(probes_mother))
-    return str(merge_to_dir(plan, Path(out), device=device, overwrite=True))
+    with tracked(f"merge {genome.hash[:12]}", f"merge-{genome.hash[:12]}", unit="B") as progress:
+        return str(merge_to_dir(plan, Path(out), device=device, overwrite=True, progress=progress))

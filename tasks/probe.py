@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from darwin import health, moe, probes
-from tasks import artifact_key
+from tasks import artifact_key, tracked
 from tasks.policy import retry_unless_user_error
 
 
@@ -16,7 +16,8 @@ from tasks.policy import retry_unless_user_error
 def probe_model(model: str, out: str, probes_dir: str | None = None, device: str = "auto", label: str = "model",
                 trust_remote_code: bool = False) -> str:
     loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
-    frame = probes.layer_importance(loaded, tokenizer, probes.load_probes(probes_dir))
+    with tracked(f"probes of {label}", f"probes-{label}-progress", unit="pass") as progress:
+        frame = probes.layer_importance(loaded, tokenizer, probes.load_probes(probes_dir), progress=progress)
     path = probes.write_importance(frame, out)
     create_table_artifact(key=artifact_key("probes", label), table=probes.importance_table(frame),
                           description=f"probe importance per layer of {label} ({path})")

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from darwin.publish import publish
+from tasks import tracked
 from tasks.policy import retry_unless_user_error
 
 
@@ -17,8 +18,13 @@ from tasks.policy import retry_unless_user_error
       retry_condition_fn=retry_unless_user_error, task_run_name="publish-{dest}", tags=["io"])
 def publish_release(source_dir: str, dest: str, card: str | None = None, extra: dict | None = None) -> str:
     logger = get_run_logger()
-    url = publish(source_dir, dest, card=card, extra=extra,
-                  on_uploaded=lambda rel, done, total: logger.info("uploaded %s (%d/%d)", rel, done, total))
+    with tracked(f"publish to {dest}", "publish", unit="B") as progress:
+
+        def uploaded(rel: str, done: int, total: int) -> None:
+            logger.info("uploaded %s (%.1f of %.1f MiB)", rel, done / 2**20, total / 2**20)
+            progress(done, total)
+
+        url = publish(source_dir, dest, card=card, extra=extra, on_uploaded=uploaded)
     with fsspec.open(url, "rt") as handle:
         manifest = json.load(handle)
     size = manifest["total_size"] / 2**20

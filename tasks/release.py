@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 from darwin.quantize import quantize
 from darwin.quantize.roundtrip import roundtrip_table
+from tasks import tracked
 from tasks.policy import retry_unless_user_error
 
 
@@ -20,7 +21,8 @@ def quantize_model(model: str, scheme: str, out: str, calibration: list[str] | N
     report_path = Path(out) / "roundtrip.json"
     # The output is written atomically and the report last: a finished one from an earlier attempt stands.
     if not (report_path.exists() and json.loads(report_path.read_text())["scheme"] == scheme):
-        quantize(model, scheme, out, calibration=calibration, device=device)
+        with tracked(f"{scheme} of {Path(model).name}", f"quantize-{scheme}-progress") as progress:
+            quantize(model, scheme, out, calibration=calibration, device=device, progress=progress)
     report = json.loads(report_path.read_text())
     overall = report["overall"]
     create_table_artifact(key=f"roundtrip-{scheme}", table=roundtrip_table(report), description=(

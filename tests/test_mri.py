@@ -86,11 +86,13 @@ def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path)
 
     import anyio
 
-    async def artifact_keys():
+    async def artifacts():
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            return {a.key: a for a in await client.read_artifacts()}  # the latest of each key last
 
-    assert {"mri-father", "mri-father-heatmap"} <= anyio.run(artifact_keys)
+    found = anyio.run(artifacts)
+    assert {"mri-father", "mri-father-heatmap"} <= set(found)
+    assert found["mri-father-progress"].type == "progress" and found["mri-father-progress"].data == 100.0
 
 
 def test_profile_cli(prefect_api, pico_checkpoint, tmp_path):

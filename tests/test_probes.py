@@ -140,9 +140,10 @@ def test_probe_flow_writes_importance_and_routing_of_a_moe_model(prefect_api, tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "probes.parquet", "probes.png", "routing.parquet", "routing.png"]
     with get_client(sync_client=True) as client:
-        keys = {artifact.key for artifact in client.read_artifacts()}
+        artifacts = {artifact.key: artifact for artifact in client.read_artifacts()}
     expected = {"probes-mother-moe", "probes-mother-moe-summary", "routing-mother-moe", "routing-mother-moe-summary"}
-    assert expected <= keys
+    assert expected <= set(artifacts)
+    assert artifacts["probes-mother-moe-progress"].data == 100.0
 
 
 def test_probe_command_on_a_dense_model_writes_no_routing(prefect_api, tmp_path):

@@ -14,19 +14,24 @@ from pathlib import Path
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
+from darwin.progress import Progress
 
 SCHEMES = ("mfp4", "nvfp4a16")
 MLP_KINDS = ("mlp", "expert", "shared_expert")
 
 
 def check_source(ckpt: Checkpoint) -> None:
-    """Refuse a model that is already quantized or has nothing the release formats would quantize."""
+    """Refuse a model that is already quantized, an adapter, or one with nothing the release formats would
+    quantize."""
     quantized = ckpt.config.get("quantization_config") or (ckpt.config.get("text_config") or {}).get(
         "quantization_config")
     if quantized:
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
         raise DarwinError(f"{ckpt.path} is already quantized (quantization_config with quant_method {method!r}); "
                           "quantize the BF16 checkpoint instead")
+    if ckpt.adapter is not None:
+        raise DarwinError(f"{ckpt.source} is an adapter on its base: a release is made of a whole checkpoint (merge "
+                          "the adapter with `darwin merge` or peft's merge_and_unload first)")
     if not any(ckpt.kind(name)[0] in MLP_KINDS for name in ckpt.tensors):
         raise DarwinError(f"{ckpt.path} has no MLP or expert tensors to quantize "
                           f"(family {ckpt.family.name}; kinds: {', '.join(sorted(_kinds(ckpt)))})")
@@ -45,17 +50,18 @@ def _kinds(ckpt: Checkpoint) -> set[str]:
 
 
 def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, calibration: list[str] | None = None,
-             device: str = "auto") -> Path:
-    """Quantize MODEL into OUT with `scheme` (mfp4 | nvfp4a16) and write OUT/roundtrip.json; returns OUT."""
+             device: str = "auto", progress: Progress | None = None) -> Path:
+    """Quantize MODEL into OUT with `scheme` (mfp4 | nvfp4a16) and write OUT/roundtrip.json; returns OUT.
+    `progress(done, total)`: calibration prompts (mfp4) or tensors (nvfp4a16)."""
     check_request(scheme, calibration)
     if scheme == "mfp4":
         from darwin.quantize.mfp4 import quantize_mfp4
 
-        path = quantize_mfp4(model, out, calibration=calibration, device=device)
+        path = quantize_mfp4(model, out, calibration=calibration, device=device, progress=progress)
     else:
         from darwin.quantize.nvfp4a16 import quantize_nvfp4a16
 
-        path = quantize_nvfp4a16(model, out)
+        path = quantize_nvfp4a16(model, out, progress=progress)
     from darwin.quantize.roundtrip import roundtrip_report
 
     report = roundtrip_report(Checkpoint(model).path, path, scheme)

@@ -25,6 +25,7 @@ import torch
 from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
 from darwin.probes import load_probes
+from darwin.progress import Progress
 from darwin.quantize import check_source
 from darwin.runtime import load_pretrained, pick_device
 
@@ -84,7 +85,8 @@ def _load(ckpt: Checkpoint, device: str):
     return model, tokenizer
 
 
-def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: str = "cpu"):
+def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: str = "cpu",
+              progress: Progress | None = None):
     """(model, tokenizer): the BF16 model with ModelOpt's NVFP4 quantizers inserted and max-calibrated on the
     prompts (the shipped probe prompts by default). It runs in memory as the fake-quantized MFP4 model, on CPU
     through `nvfp4_fake_quant`, and is what `export_hf_checkpoint` writes."""
@@ -101,15 +103,17 @@ def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: st
 
     def forward_loop(m):
         with torch.no_grad():
-            for prompt in prompts:
+            for done, prompt in enumerate(prompts, 1):
                 m(**tokenizer(prompt, return_tensors="pt").to(m.device))
+                if progress is not None:
+                    progress(done, len(prompts))
 
     mtq.quantize(hf_model, quant_config(cpu=device == "cpu"), forward_loop)
     return hf_model, tokenizer
 
 
 def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: list[str] | None = None,
-                  device: str = "auto") -> Path:
+                  device: str = "auto", progress: Progress | None = None) -> Path:
     from modelopt.torch.export import export_hf_checkpoint
 
     ckpt = Checkpoint(model)
@@ -118,7 +122,7 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
     out = Path(out)
     if out.exists():
         raise DarwinError(f"output already exists: {out}")
-    hf_model, _ = calibrate(ckpt, calibration, device)
+    hf_model, _ = calibrate(ckpt, calibration, device, progress)
     carried = {name: ckpt.read(name) for name in ckpt.tensors if ckpt.kind(name)[0] == "mtp"}
     if carried:
         # ModelOpt's hook for MTP heads loaded beside the model: their prefixes go into exclude_modules.

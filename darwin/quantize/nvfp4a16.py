@@ -27,6 +27,7 @@ from compressed_tensors.quantization.quant_scheme import NVFP4A16
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from darwin.checkpoint import Checkpoint, CheckpointWriter, TensorInfo, copy_side_files
+from darwin.progress import Progress
 from darwin.quantize import check_source
 from darwin.quantize.roundtrip import fused_group
 
@@ -72,7 +73,7 @@ def quantization_config(ignore: list[str]) -> dict:
     return config
 
 
-def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
+def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike, progress: Progress | None = None) -> Path:
     ckpt = Checkpoint(model)
     check_source(ckpt)
     # vLLM and transformers quantize every Linear a pattern does not exclude, so every module kept BF16 that
@@ -86,7 +87,9 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike) -> Path:
             group = fused_group(module)
             amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), ckpt.read(name).float().abs().max())
     with CheckpointWriter(out) as writer:
-        for name, info in ckpt.tensors.items():
+        for done, (name, info) in enumerate(ckpt.tensors.items(), 1):
+            if progress is not None:
+                progress(done, len(ckpt.tensors))
             tensor = ckpt.read(name)
             if is_quantized(ckpt, info):
                 module = name.removesuffix(".weight")
