@@ -6,12 +6,13 @@ Unknown keys, wrong types and out-of-range values are one clear error (naming ev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from darwin.errors import DarwinError
+from darwin.evaluate import EvalOptions
 from darwin.runtime import DEVICE_PATTERN
 
 
@@ -34,9 +35,24 @@ class Phase2(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["arc_challenge"], min_length=1)
     split: Split = "validation"
     limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 8  # auto: lm-eval's, the largest batch that fits
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     sigma0: float = Field(0.15, gt=0.0, le=0.5)
+    # lm-eval's options of the same names
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    metrics: dict[str, str] = Field(default_factory=dict)  # leaf task -> metric or "metric,filter"
+
+    @model_validator(mode="after")
+    def _multiturn(self) -> Phase2:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true (as in lm-eval)")
+        return self
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions(self.num_fewshot, self.apply_chat_template, self.fewshot_as_multiturn,
+                           tuple(sorted(self.metrics.items())))
 
 
 class Heldout(_Strict):

@@ -5,8 +5,10 @@ checkpoint. Tasks are lm-eval task names (`arc_challenge`) or paths to local tas
 (`dataset_path: json`), which is how the tool runs offline: `arc_task_file` writes a local copy of lm-eval's own
 `arc_challenge` config pointing at ai2_arc-schema JSON Lines.
 
-The score of a task is `acc_norm` when it reports one, else `acc`; fitness is the unweighted mean over the leaf
-tasks (a group such as `mmlu` counts each subtask once).
+The score of a task is `acc_norm` when it reports one, else `acc`, or the metric the run config names for it
+(`phase2.metrics`, any metric lm-eval knows to be better higher, `metric` or `metric,filter` as lm-eval reports it);
+fitness is the unweighted mean over the leaf tasks (a group such as `mmlu` counts each subtask once). lm-eval's
+`num_fewshot`, `apply_chat_template` and `fewshot_as_multiturn` mean what they mean in lm-eval (`EvalOptions`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -34,13 +36,25 @@ FEWSHOT_SEED = 1234
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """How lm-eval evaluates the tasks, as its own options of the same names."""
+
+    num_fewshot: int | None = None  # None: each task's own (0 where its config says nothing)
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    metrics: tuple[tuple[str, str], ...] = ()  # (leaf task, metric or "metric,filter"); the others: acc_norm, acc
+
+
+@dataclass(frozen=True)
 class EvalResult:
-    scores: dict[str, float]  # leaf task -> acc_norm (else acc)
+    scores: dict[str, float]  # leaf task -> its metric
     fitness: float  # mean of scores
-    per_question: dict[str, list[bool]]  # leaf task -> correctness of each question, in document order
+    # leaf task -> correctness of each question, in document order (its metric's full mark: 1 of acc, exact_match)
+    per_question: dict[str, list[bool]]
     seconds: float
-    # leaf task -> per question, the right choice's score minus the best wrong one's (log-likelihood, per character
-    # for acc_norm, as the metric compares them): positive where the question is answered right
+    # leaf task -> per question of a multiple-choice task, the right choice's score minus the best wrong one's
+    # (log-likelihood, per character for acc_norm, as the metric compares them): positive where answered right; of
+    # a generative task, the metric's value of the question
     margins: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -56,11 +70,12 @@ class TaskSet:
     it, so each thread builds its own copy of the tasks (once); the index is shared.
     """
 
-    def __init__(self, tasks: Sequence[str | Path], split: str | None = None):
+    def __init__(self, tasks: Sequence[str | Path], split: str | None = None, options: EvalOptions = EvalOptions()):
         from lm_eval.tasks import TaskManager
 
         self.specs = tuple(str(t) for t in tasks)
         self.split = split
+        self.options = options
         if not self.specs:
             raise DarwinError("no fitness tasks given")
         names = [s for s in self.specs if not _is_task_file(s)]
@@ -85,12 +100,16 @@ class TaskSet:
                 except (OSError, ValueError, KeyError) as exc:
                     raise DarwinError(f"cannot load fitness tasks {list(self.specs)}: {exc}") from None
             for name, task in loaded["tasks"].items():
-                # as simple_evaluate does: zero-shot unless the task config asks for examples
-                if task.get_config("num_fewshot") is None:
+                # as simple_evaluate does: the run's num_fewshot unless the task's config fixes 0, else zero-shot
+                # unless the task config asks for examples
+                if self.options.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                    task.set_config(key="num_fewshot", value=self.options.num_fewshot)
+                elif task.get_config("num_fewshot") is None:
                     task.set_config(key="num_fewshot", value=0)
                 task.set_fewshot_seed(seed=FEWSHOT_SEED)
                 if self.split:
                     _evaluate_on(name, task, self.split)
+            _check_metrics(dict(self.options.metrics), loaded["tasks"])
             self._local.loaded = loaded
         return loaded
 
@@ -105,6 +124,38 @@ class TaskSet:
         self._local = threading.local()
 
 
+def _check_metrics(chosen: dict[str, str], tasks: dict) -> None:
+    """A chosen metric names a leaf task of the run and a metric that task computes, better higher."""
+    unknown = sorted(set(chosen) - set(tasks))
+    if unknown:
+        raise DarwinError(f"phase2.metrics names {', '.join(unknown)}, not a task of this run "
+                          f"(its tasks: {', '.join(sorted(tasks))})")
+    for name, spec in chosen.items():
+        metric = spec.partition(",")[0]
+        better = tasks[name].higher_is_better()
+        if metric not in better:
+            raise DarwinError(f"task {name} computes no {metric!r} (it computes {', '.join(sorted(better))})")
+        if not better[metric]:
+            raise DarwinError(f"{metric!r} of task {name} is better lower; darwin's fitness is maximised and takes a "
+                              "metric that is better higher")
+
+
+def _metric_key(name: str, metrics: dict, chosen: str | None) -> tuple[str, str]:
+    """(metric, filter) of the task's result: the chosen `metric[,filter]` (filter `none`, else the first reported),
+    by default acc_norm, else acc."""
+    if chosen is None:
+        metric = next((m for m in METRICS if f"{m},none" in metrics), None)
+        if metric is None:
+            raise DarwinError(f"task {name} reports neither acc_norm nor acc: name its metric in phase2.metrics")
+        return metric, "none"
+    metric, _, wanted = chosen.partition(",")
+    filters = [key.partition(",")[2] for key in metrics if key.partition(",")[0] == metric and "_stderr" not in key]
+    chosen_filter = wanted or ("none" if "none" in filters else (filters or [None])[0])
+    if chosen_filter not in filters:
+        raise DarwinError(f"task {name} reports {metric} under filters {filters}, not {chosen_filter!r}")
+    return metric, chosen_filter
+
+
 def _evaluate_on(name: str, task, split: str) -> None:
     """Point lm-eval's evaluation documents (its test split, else validation) at the task's `split` split."""
     source = task.get_config(SPLIT_KEYS[split])
@@ -113,11 +164,19 @@ def _evaluate_on(name: str, task, split: str) -> None:
     task.set_config(key="test_split", value=source)
 
 
+def check_chat_template(model_dir: str | Path) -> None:
+    """apply_chat_template needs a tokenizer that has one (lm-eval fails on the first request otherwise)."""
+    from transformers import AutoTokenizer
+
+    if not AutoTokenizer.from_pretrained(model_dir).chat_template:
+        raise DarwinError(f"phase2.apply_chat_template is set, but the tokenizer of {model_dir} has no chat template")
+
+
 @functools.cache
-def prepared_tasks(specs: tuple[str, ...], split: str | None = None) -> TaskSet:
-    """One TaskSet per task list, split and process: checking a run's tasks up front and running them then share it
-    (a task given by name costs lm-eval's index of its built-in tasks, seconds each time)."""
-    return TaskSet(specs, split)
+def prepared_tasks(specs: tuple[str, ...], split: str | None = None, options: EvalOptions = EvalOptions()) -> TaskSet:
+    """One TaskSet per task list, split, options and process: checking a run's tasks up front and running them then
+    share it (a task given by name costs lm-eval's index of its built-in tasks, seconds each time)."""
+    return TaskSet(specs, split, options)
 
 
 def evaluate(
@@ -125,13 +184,14 @@ def evaluate(
     tokenizer,
     tasks: Sequence[str | Path] | TaskSet,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     device: str | None = None,
 ) -> EvalResult:
     """Score an in-memory causal LM on lm-eval tasks (names, task YAML paths, or a prepared TaskSet).
 
     The model runs where it is, or is first moved (in place) to `device` when one is given: HFLM ignores its
     own device argument for a live model. Pass a TaskSet when evaluating many models on the same tasks.
+    `batch_size` "auto" is lm-eval's: the largest that fits, found once per model.
     """
     from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -145,17 +205,24 @@ def evaluate(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter reseeds the global RNGs and collects
         # environment info (pip list and git in subprocesses, ~0.3 s a call)
-        results = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
+        options = task_set.options
+        results = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True,
+                              apply_chat_template=options.apply_chat_template,
+                              fewshot_as_multiturn=options.fewshot_as_multiturn)
     scores, per_question, margins = {}, {}, {}
+    chosen = dict(task_set.options.metrics)
     for name, task in loaded["tasks"].items():
-        metrics = results["results"][name]
-        metric = next((m for m in METRICS if f"{m},none" in metrics), None)
-        if metric is None:
-            raise DarwinError(f"task {name} reports neither acc_norm nor acc; darwin's fitness needs one of them")
-        scores[name] = float(metrics[f"{metric},none"])
-        samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
-        per_question[name] = [bool(s[metric]) for s in samples]
-        margins[name] = [_margin(task, sample, metric) for sample in samples]
+        metric, filter_name = _metric_key(name, results["results"][name], chosen.get(name))
+        scores[name] = float(results["results"][name][f"{metric},{filter_name}"])
+        samples = sorted((s for s in results["samples"][name] if s.get("filter", "none") == filter_name),
+                         key=lambda s: s["doc_id"])
+        values = [s[metric] for s in samples]
+        if not all(isinstance(v, (bool, int, float)) for v in values):
+            raise DarwinError(f"{metric} of task {name} is computed over the whole corpus, not per question; darwin's "
+                              "fitness takes a per-question metric (acc, acc_norm, exact_match, f1, ...)")
+        per_question[name] = [float(v) >= 1.0 for v in values]
+        multiple_choice = task.OUTPUT_TYPE == "multiple_choice"
+        margins[name] = [_margin(task, s, metric) if multiple_choice else float(s[metric]) for s in samples]
     fitness = sum(scores.values()) / len(scores)
     return EvalResult(scores, fitness, per_question, time.perf_counter() - start, margins)
 
@@ -257,12 +324,15 @@ def fitness_cache_key(
     limit: int | None,
 ) -> str:
     """sha256 of canonical JSON over what determines a fitness: the run's fixed inputs (parents' content, method,
-    probe and routing tables, prescription rules: `darwin.fitness.run_inputs`), genome, tasks with their split,
-    limit.
+    probe and routing tables, prescription rules: `darwin.fitness.run_inputs`), genome, tasks with their split and
+    evaluation options, limit.
 
     Task order does not change the fitness (a mean), so tasks are sorted.
     """
     specs, split = (tasks.specs, tasks.split) if isinstance(tasks, TaskSet) else (tasks, None)
     identities = sorted(json.dumps(task_identity(t), sort_keys=True, default=str) for t in specs)
     payload = {"inputs": dict(inputs), "genome": genome_hash, "tasks": identities, "split": split, "limit": limit}
+    options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
+    if options != EvalOptions():  # lm-eval's defaults add nothing: a run that sets no option keys as before options
+        payload["options"] = asdict(options)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

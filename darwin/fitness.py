@@ -125,7 +125,7 @@ def _prepare(parents: Parents, device: str):
     return _worker
 
 
-def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size: int = 8,
+def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size: int | str = 8,
                 device: str = "auto") -> EvalResult:
     """A checkpoint on disk scored on `tasks` (the held-out report scores father, mother and child so)."""
     model, tokenizer = _load(Checkpoint(path), worker_device(device))
@@ -145,8 +145,8 @@ def run_inputs(parents: Parents) -> dict[str, str | None]:
     return {**inputs, "method": parents.method, "rules": str(RULES_VERSION), "record": str(RECORD_VERSION)}
 
 
-def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | None = None, batch_size: int = 8,
-                    device: str = "auto", cache: FitnessCache | None = None,
+def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | None = None,
+                    batch_size: int | str = 8, device: str = "auto", cache: FitnessCache | None = None,
                     inputs: dict[str, str | None] | None = None) -> dict:
     """The fitness record of one genome: fitness, per-task scores, per-question correctness, timings."""
     genome = Genome.from_dict(genes)

@@ -26,7 +26,7 @@ from darwin import evolution, fitness, stats
 from darwin.checkpoint import Checkpoint
 from darwin.config import RunConfig, load_config, parse_config
 from darwin.errors import DarwinError
-from darwin.evaluate import TaskSet, prepared_tasks
+from darwin.evaluate import TaskSet, check_chat_template, prepared_tasks
 from darwin.genome import Genome
 from darwin.merge import load_mri
 from darwin.report import write_json
@@ -131,8 +131,9 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)
     inputs = fitness.run_inputs(parents)
-    tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split)
-    heldout_tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split) if cfg.heldout.split else None
+    options = cfg.phase2.eval_options()
+    tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split, options)
+    heldout_tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split, options) if cfg.heldout.split else None
     seconds["phase0"] = time.perf_counter() - started
 
     # Phase 1: CMA-ES on a proxy
@@ -271,9 +272,12 @@ def command(args: argparse.Namespace) -> int:
     for model in (config.father, config.mother, config.base):
         if model:
             Checkpoint(model)  # bad parents fail here, before Prefect starts
-    prepared_tasks(tuple(config.phase2.tasks), config.phase2.split)  # a task without a split fails here
+    # a task without the split, or a metric it does not compute, fails here
+    prepared_tasks(tuple(config.phase2.tasks), config.phase2.split, config.phase2.eval_options())
     if config.heldout.split:
-        prepared_tasks(tuple(config.phase2.tasks), config.heldout.split)
+        prepared_tasks(tuple(config.phase2.tasks), config.heldout.split, config.phase2.eval_options())
+    if config.phase2.apply_chat_template:
+        check_chat_template(Checkpoint(config.father).path)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release)
     best = summary["best"]

@@ -9,11 +9,14 @@ import pico
 import picotok
 import pytest
 import torch
+import yaml
 
 from darwin.errors import DarwinError
 from darwin.evaluate import (
+    EvalOptions,
     TaskSet,
     arc_task_file,
+    check_chat_template,
     evaluate,
     fitness_cache_key,
     multiple_choice_task_file,
@@ -119,6 +122,72 @@ def test_task_set_shared_by_threads_and_pickled(model, tokenizer, toy_task):
         runs = list(pool.map(lambda _: evaluate(model, tokenizer, tasks, limit=6).per_question, range(2)))
     assert runs == [serial, serial]
     assert evaluate(model, tokenizer, pickle.loads(pickle.dumps(tasks)), limit=6).per_question == serial
+
+
+def generative_task(directory: Path, answers: list[str]) -> Path:
+    """A gsm8k-shaped task (generate_until, exact_match) over the first questions of TOY."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "gen.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for (q, _, _), a in zip(TOY, answers)))
+    task = directory / "gen_toy.yaml"
+    task.write_text(yaml.safe_dump({
+        "task": "gen_toy", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "generate_until", "test_split": "test", "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 3, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    return task
+
+
+def test_a_generative_task_scored_by_the_metric_the_run_names(model, tokenizer, tmp_path):
+    """exact_match of a generate_until task: the answers are set to what the model itself generates for the even
+    questions (read from lm-eval's own samples), so exactly those are right."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    probe = TaskSet([generative_task(tmp_path / "probe", ["?"] * 6)])
+    samples = lm_evaluate(lm=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), task_dict=probe.loaded(),
+                          bootstrap_iters=0, log_samples=True)["samples"]["gen_toy"]
+    generated = [s["filtered_resps"][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    answers = [text if i % 2 == 0 else text + "never" for i, text in enumerate(generated)]
+    task = generative_task(tmp_path / "task", answers)
+    with pytest.raises(DarwinError, match="neither acc_norm nor acc: name its metric"):
+        evaluate(model, tokenizer, TaskSet([task]))
+    for metric in ("exact_match", "exact_match,none"):
+        result = evaluate(model, tokenizer, TaskSet([task], options=EvalOptions(metrics=(("gen_toy", metric),))))
+        assert result.per_question == {"gen_toy": [True, False] * 3}
+        assert result.fitness == pytest.approx(0.5) and result.margins == {"gen_toy": [1.0, 0.0] * 3}
+
+
+def test_metrics_the_tasks_do_not_compute_or_that_are_better_lower_are_refused(toy_task, tmp_path):
+    config = yaml.safe_load(Path(toy_task).read_text())
+    config["task"], config["metric_list"] = "toy_brier", [*config["metric_list"], {"metric": "brier_score"}]
+    brier = tmp_path / "brier.yaml"
+    brier.write_text(yaml.safe_dump(config))
+    for tasks, metrics, said in (([toy_task], (("toy", "exact_match"),), "computes no 'exact_match'"),
+                                 ([toy_task], (("gsm8k", "acc"),), "names gsm8k, not a task of this run"),
+                                 ([brier], (("toy_brier", "brier_score"),), "better lower")):
+        with pytest.raises(DarwinError, match=said):
+            TaskSet(tasks, options=EvalOptions(metrics=metrics))
+
+
+def test_few_shot_chat_template_and_auto_batch_size_as_lm_eval_runs_them(model, tokenizer, toy_task, tmp_path):
+    plain = evaluate(model, tokenizer, TaskSet([toy_task]), batch_size=4)
+    assert evaluate(model, tokenizer, TaskSet([toy_task]), batch_size="auto").per_question == plain.per_question
+    few = TaskSet([toy_task], options=EvalOptions(num_fewshot=2))
+    assert few.loaded()["tasks"]["toy"].get_config("num_fewshot") == 2
+    assert evaluate(model, tokenizer, few, batch_size=4).margins["toy"] != pytest.approx(plain.margins["toy"])
+    model_dir = tmp_path / "model"
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(DarwinError, match="has no chat template"):
+        check_chat_template(model_dir)
+    chat = picotok.build()
+    chat.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    chat.save_pretrained(model_dir)
+    check_chat_template(model_dir)
+    templated = evaluate(model, chat, TaskSet([toy_task], options=EvalOptions(apply_chat_template=True)), batch_size=4)
+    assert templated.margins["toy"] != pytest.approx(plain.margins["toy"])
+    key = fitness_cache_key({}, "g", TaskSet([toy_task]), None)
+    assert key != fitness_cache_key({}, "g", few, None) and key == fitness_cache_key({}, "g", [toy_task], None)
 
 
 def test_missing_task_file_is_a_user_error(tmp_path):

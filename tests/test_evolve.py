@@ -56,6 +56,17 @@ def test_config_defaults_and_errors(tmp_path):
     with pytest.raises(DarwinError, match="phase2.split and heldout.split are both 'test'"):
         load_config(tmp_path / "c.yaml", {"phase2.split": "test"})
     assert load_config(tmp_path / "c.yaml", {"phase2.split": "test", "heldout.split": None}).heldout.split is None
+    # lm-eval's options, validated with the rest
+    assert (config.phase2.num_fewshot, config.phase2.apply_chat_template, config.phase2.metrics) == (None, False, {})
+    options = load_config(tmp_path / "c.yaml", {"phase2.batch_size": "auto", "phase2.num_fewshot": 5,
+                                                "phase2.metrics": {"gsm8k": "exact_match,strict-match"}})
+    assert options.phase2.batch_size == "auto"
+    assert options.phase2.eval_options().metrics == (("gsm8k", "exact_match,strict-match"),)
+    for key, value, said in (("phase2.batch_size", "huge", "phase2.batch_size"),
+                             ("phase2.num_fewshot", -1, "phase2.num_fewshot"),
+                             ("phase2.fewshot_as_multiturn", True, "needs apply_chat_template")):
+        with pytest.raises(DarwinError, match=said):
+            load_config(tmp_path / "c.yaml", {key: value})
 
 
 def test_a_task_without_the_asked_split_is_refused_before_any_work(pico_family, tmp_path):
@@ -69,6 +80,14 @@ def test_a_task_without_the_asked_split_is_refused_before_any_work(pico_family, 
     with pytest.raises(DarwinError, match="task only_val has no test split"):
         evolve.command(argparse.Namespace(config=str(path), set=[], out=str(tmp_path / "run"), resume=False,
                                           force_release=False))
+    for override, said in (("phase2.metrics={only_val: f1}", "task only_val computes no .f1."),
+                           ("phase2.apply_chat_template=true", "has no chat template")):
+        assert main(["evolve", str(path), "--set", "heldout.split=null", "--set", override, "--out",
+                     str(tmp_path / "run")]) == 2
+        with pytest.raises(DarwinError, match=said):
+            evolve.command(argparse.Namespace(config=str(path), set=["heldout.split=null", override],
+                                              out=str(tmp_path / "run"), resume=False, force_release=False))
+    assert not (tmp_path / "run").exists()
 
 
 def test_search_resumes_exactly(tmp_path):
