@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from darwin.errors import DarwinError
 from darwin.evaluate import EvalOptions
+from darwin.quantize.calibration import Calibration, calibration_set
 from darwin.runtime import DEVICE_PATTERN
 
 
@@ -69,6 +70,15 @@ class Health(_Strict):
 class Release(_Strict):
     scheme: Literal["mfp4", "nvfp4a16"] | None = None
     dest: str | None = None
+    # mfp4's calibration set (darwin.quantize.calibration): a text file or an lm-eval task; null: the probe prompts
+    calibration: str | None = None
+    calibration_samples: int = Field(512, ge=1)
+    calibration_seq_len: int = Field(512, ge=1)
+
+    def calibration_set(self) -> Calibration | None:
+        if self.scheme != "mfp4":
+            return None
+        return calibration_set(self.calibration, self.calibration_samples, self.calibration_seq_len)
 
 
 class Runner(_Strict):
@@ -103,6 +113,8 @@ class RunConfig(_Strict):
         if self.heldout.split == self.phase2.split:
             raise ValueError(f"phase2.split and heldout.split are both {self.phase2.split!r}: the search would tune on "
                              "the split it is judged on (set heldout.split to another split, or null for no report)")
+        if self.release.calibration and self.release.scheme != "mfp4":
+            raise ValueError("release.calibration is for scheme mfp4 (nvfp4a16 is round-to-nearest and takes none)")
         if self.release.dest and not self.release.scheme:
             raise ValueError("release.dest is set but release.scheme is not (mfp4 or nvfp4a16)")
         return self

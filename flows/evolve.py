@@ -190,7 +190,8 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     if cfg.release.scheme and (health["verdict"] == "pass" or force_release):
         mark = time.perf_counter()
         release["quantized"] = release_flow(best_dir, cfg.release.scheme,
-                                            str(layout.path("quantized", cfg.release.scheme)), device=device)
+                                            str(layout.path("quantized", cfg.release.scheme)),
+                                            cfg.release.calibration_set(), device=device)
         seconds["quantize"] = time.perf_counter() - mark
     elif cfg.release.scheme:
         get_run_logger().warning("health check failed: release skipped (--force-release overrides)")
@@ -278,6 +279,7 @@ def command(args: argparse.Namespace) -> int:
         prepared_tasks(tuple(config.phase2.tasks), config.heldout.split, config.phase2.eval_options())
     if config.phase2.apply_chat_template:
         check_chat_template(Checkpoint(config.father).path)
+    config.release.calibration_set()  # an unreadable calibration file or task fails here
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release)
     best = summary["best"]

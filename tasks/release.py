@@ -9,6 +9,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from darwin.quantize import quantize
+from darwin.quantize.calibration import Calibration
 from darwin.quantize.roundtrip import roundtrip_table
 from tasks import tracked
 from tasks.policy import retry_unless_user_error
@@ -16,7 +17,7 @@ from tasks.policy import retry_unless_user_error
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       task_run_name="quantize-{scheme}", tags=["gpu"])
-def quantize_model(model: str, scheme: str, out: str, calibration: list[str] | None = None,
+def quantize_model(model: str, scheme: str, out: str, calibration: Calibration | None = None,
                    device: str = "auto") -> str:
     report_path = Path(out) / "roundtrip.json"
     # The output is written atomically and the report last: a finished one from an earlier attempt stands.

@@ -86,9 +86,13 @@ def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path)
 
     import anyio
 
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     async def artifacts():
-        async with get_client() as client:
-            return {a.key: a for a in await client.read_artifacts()}  # the latest of each key last
+        keys = ["mri-father", "mri-father-heatmap", "mri-father-progress"]
+        async with get_client() as client:  # by key: the session's server holds more than one page
+            return {a.key: a for a in await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
 
     found = anyio.run(artifacts)
     assert {"mri-father", "mri-father-heatmap"} <= set(found)

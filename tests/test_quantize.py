@@ -14,6 +14,7 @@ from safetensors import safe_open
 from darwin.checkpoint import Checkpoint, CheckpointWriter
 from darwin.errors import DarwinError
 from darwin.quantize import quantize
+from darwin.quantize.calibration import Calibration, calibration_set
 
 FAMILIES = ("qwen3_5", "qwen3_5_moe_text")
 SCHEMES = ("mfp4", "nvfp4a16")
@@ -21,7 +22,7 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 # (packed weight, per-tensor scale, scale is a divisor) of each format
 FORMAT = {"mfp4": ("weight", "weight_scale_2", False), "nvfp4a16": ("weight_packed", "weight_global_scale", True)}
 # what each scheme quantizes, by kind; everything else must come out bit-identical
-CALIBRATION = ["The capital of France is Paris.", "def add(a, b):\n    return a + b"]
+CALIBRATION = Calibration(("The capital of France is Paris.", "def add(a, b):\n    return a + b"), "two prompts")
 QUANTIZED_KINDS = {"mfp4": {"mlp", "expert", "shared_expert"}, "nvfp4a16": {"attn", "mlp", "expert", "shared_expert"}}
 
 
@@ -262,6 +263,30 @@ def test_bad_inputs_are_one_clear_error(source, quantized, tmp_path, capsys):
     assert main(["quantize", str(attention_only), "--scheme", "mfp4", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no MLP" in err[0]
+
+
+def test_mfp4_calibrates_on_the_set_it_is_given(source, quantized, pico_family, tmp_path, capsys, prefect_api):
+    """A task's documents as calibration texts, counted and cut as asked: the activation scales move with them,
+    the weights do not, and roundtrip.json says what the set was."""
+    from flows.cli import main
+
+    task = str(pico_family["task"])
+    texts = calibration_set(task, samples=3, seq_len=8).texts
+    assert texts == ("Question: What is 0 plus 0?\nAnswer: 0", "Question: What is 1 plus 1?\nAnswer: 3",
+                     "Question: What is 2 plus 2?\nAnswer: 2")  # validation docs, prompt and right answer
+    assert len(calibration_set().texts) == 25 and calibration_set().source == "probe prompts"
+    out = tmp_path / "task-calibrated"
+    assert main(["quantize", str(source("qwen3_5")), "--scheme", "mfp4", "--calibration", task,
+                 "--calibration-samples", "3", "--calibration-seq-len", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "roundtrip.json").read_text())
+    assert report["calibration"] == {"source": task, "samples": 3, "seq_len": 8}
+    ours, theirs = read_all(out), read_all(quantized("qwen3_5", "mfp4"))
+    name = "model.language_model.layers.0.mlp.down_proj"
+    assert torch.equal(ours[f"{name}.weight"], theirs[f"{name}.weight"])
+    assert not torch.equal(ours[f"{name}.input_scale"], theirs[f"{name}.input_scale"])
+    assert main(["quantize", str(source("qwen3_5")), "--scheme", "nvfp4a16", "--calibration", task, "--out",
+                 str(tmp_path / "refused")]) == 2
+    assert "calibration is for mfp4" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
 def test_quantize_command_runs_the_release_flow(source, tmp_path, prefect_api):

@@ -15,6 +15,7 @@ from pathlib import Path
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
 from darwin.progress import Progress
+from darwin.quantize.calibration import Calibration, calibration_set
 
 SCHEMES = ("mfp4", "nvfp4a16")
 MLP_KINDS = ("mlp", "expert", "shared_expert")
@@ -37,7 +38,7 @@ def check_source(ckpt: Checkpoint) -> None:
                           f"(family {ckpt.family.name}; kinds: {', '.join(sorted(_kinds(ckpt)))})")
 
 
-def check_request(scheme: str, calibration: list[str] | None) -> None:
+def check_request(scheme: str, calibration: Calibration | None) -> None:
     """Refuse an unknown scheme, or a calibration set for the scheme that takes none."""
     if scheme not in SCHEMES:
         raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
@@ -49,14 +50,16 @@ def _kinds(ckpt: Checkpoint) -> set[str]:
     return {ckpt.kind(name)[0] for name in ckpt.tensors}
 
 
-def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, calibration: list[str] | None = None,
+def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, calibration: Calibration | None = None,
              device: str = "auto", progress: Progress | None = None) -> Path:
     """Quantize MODEL into OUT with `scheme` (mfp4 | nvfp4a16) and write OUT/roundtrip.json; returns OUT.
+    mfp4 calibrates on `calibration` (default: `calibration_set()`, the shipped probe prompts).
     `progress(done, total)`: calibration prompts (mfp4) or tensors (nvfp4a16)."""
     check_request(scheme, calibration)
     if scheme == "mfp4":
         from darwin.quantize.mfp4 import quantize_mfp4
 
+        calibration = calibration or calibration_set()
         path = quantize_mfp4(model, out, calibration=calibration, device=device, progress=progress)
     else:
         from darwin.quantize.nvfp4a16 import quantize_nvfp4a16
@@ -64,7 +67,8 @@ def quantize(model: str | os.PathLike, scheme: str, out: str | os.PathLike, cali
         path = quantize_nvfp4a16(model, out, progress=progress)
     from darwin.quantize.roundtrip import roundtrip_report
 
-    report = roundtrip_report(Checkpoint(model).path, path, scheme)
+    report = roundtrip_report(Checkpoint(model).path, path, scheme,
+                              calibration=calibration.describe() if scheme == "mfp4" else None)
     if not report["kept_identical"]:
         shutil.rmtree(path)
         raise DarwinError(f"{scheme} changed {len(report['kept_changed'])} tensors it should keep as they are "

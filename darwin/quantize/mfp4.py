@@ -2,7 +2,7 @@
 
 Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
 routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
-exclusions for everything the card keeps BF16, max calibration on a few prompts (the shipped probe prompts unless given), then `export_hf_checkpoint`.
+exclusions for everything the card keeps BF16, max calibration (darwin.quantize.calibration), then `export_hf_checkpoint`.
 The export is the layout vLLM loads with `--quantization modelopt_fp4`: per quantized linear `weight` (uint8, two
 E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and
 `input_scale` (float32); `hf_quant_config.json` and config.json `quantization_config` name the excluded modules.
@@ -24,9 +24,9 @@ import torch
 
 from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
-from darwin.probes import load_probes
 from darwin.progress import Progress
 from darwin.quantize import check_source
+from darwin.quantize.calibration import Calibration
 from darwin.runtime import load_pretrained, pick_device
 
 BACKEND = "darwin_nvfp4_torch"
@@ -85,10 +85,9 @@ def _load(ckpt: Checkpoint, device: str):
     return model, tokenizer
 
 
-def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: str = "cpu",
-              progress: Progress | None = None):
+def calibrate(ckpt: Checkpoint, calibration: Calibration, device: str = "cpu", progress: Progress | None = None):
     """(model, tokenizer): the BF16 model with ModelOpt's NVFP4 quantizers inserted and max-calibrated on the
-    prompts (the shipped probe prompts by default). It runs in memory as the fake-quantized MFP4 model, on CPU
+    calibration texts, each cut to its seq_len tokens. It runs in memory as the fake-quantized MFP4 model, on CPU
     through `nvfp4_fake_quant`, and is what `export_hf_checkpoint` writes."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
@@ -96,7 +95,7 @@ def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: st
         register_quant_backend,
     )
 
-    prompts = calibration or [prompt for prompts in load_probes().values() for prompt in prompts]
+    prompts = calibration.texts
     hf_model, tokenizer = _load(ckpt, device)
     if device == "cpu" and not is_registered_quant_backend(BACKEND):
         register_quant_backend(BACKEND, nvfp4_fake_quant)
@@ -104,7 +103,8 @@ def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: st
     def forward_loop(m):
         with torch.no_grad():
             for done, prompt in enumerate(prompts, 1):
-                m(**tokenizer(prompt, return_tensors="pt").to(m.device))
+                m(**tokenizer(prompt, return_tensors="pt", truncation=True,
+                              max_length=calibration.seq_len).to(m.device))
                 if progress is not None:
                     progress(done, len(prompts))
 
@@ -112,8 +112,8 @@ def calibrate(ckpt: Checkpoint, calibration: list[str] | None = None, device: st
     return hf_model, tokenizer
 
 
-def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: list[str] | None = None,
-                  device: str = "auto", progress: Progress | None = None) -> Path:
+def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration: Calibration, device: str = "auto",
+                  progress: Progress | None = None) -> Path:
     from modelopt.torch.export import export_hf_checkpoint
 
     ckpt = Checkpoint(model)

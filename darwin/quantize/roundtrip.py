@@ -67,10 +67,11 @@ def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: 
     return weights[:, : shape[-1]].reshape(shape)
 
 
-def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.PathLike, scheme: str) -> dict:
+def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.PathLike, scheme: str,
+                     calibration: dict | None = None) -> dict:
     """Per quantized tensor and overall, decoded as vLLM decodes it: max / mean absolute error, relative Frobenius
-    error, bytes before and after; the tensors kept as they were (and whether they are bit-identical). Written to
-    quantized_dir/roundtrip.json."""
+    error, bytes before and after; the tensors kept as they were (and whether they are bit-identical); the
+    calibration set (mfp4: source, samples, seq_len). Written to quantized_dir/roundtrip.json."""
     if scheme not in LAYOUTS:
         raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(LAYOUTS)})")
     layout = LAYOUTS[scheme]
@@ -125,6 +126,7 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
         "source": str(source.path),
         "quantized": str(quantized.path),
         "scale_convention": layout.convention,
+        **({"calibration": calibration} if calibration else {}),
         "overall": {
             "quantized_tensors": len(rows),
             "kept_tensors": len(kept),
