@@ -213,6 +213,9 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     return summary
 
 
+PREFECT_CLIENT_ENV = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
+
+
 def task_runner(config: RunConfig):
     if config.runner.kind == "ray":
         if not os.environ.get("PREFECT_API_URL"):
@@ -221,8 +224,9 @@ def task_runner(config: RunConfig):
                               "PREFECT_API_URL=http://127.0.0.1:4200/api")
         from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner(address=config.runner.address,
-                             init_kwargs={"runtime_env": {"env_vars": {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]}}})
+        # the workers report to the same Prefect API, authenticated as the driver is
+        client = {key: os.environ[key] for key in PREFECT_CLIENT_ENV if os.environ.get(key)}
+        return RayTaskRunner(address=config.runner.address, init_kwargs={"runtime_env": {"env_vars": client}})
     return ThreadPoolTaskRunner(max_workers=config.runner.workers or default_workers())
 
 
@@ -266,6 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set phase2.steps=3 (repeatable)")
     parser.add_argument("--force-release", action="store_true", help="release even if the health check fails")
+    parser.add_argument("--fitness-cache", metavar="URL", default=os.environ.get("DARWIN_FITNESS_CACHE"),
+                        help="where fitness results are kept: a directory, or an fsspec URL every node of a cluster "
+                             "reaches (s3://bucket/prefix); default $DARWIN_FITNESS_CACHE, else DARWIN_CACHE/fitness")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -281,7 +288,7 @@ def command(args: argparse.Namespace) -> int:
         check_chat_template(Checkpoint(config.father).path)
     config.release.calibration_set()  # an unreadable calibration file or task fails here
     run_dir = Path(args.out) if args.out else default_run_dir(config)
-    summary = run_evolution(config, run_dir, args.resume, args.force_release)
+    summary = run_evolution(config, run_dir, args.resume, args.force_release, args.fitness_cache)
     best = summary["best"]
     print(f"{run_dir}: best fitness {best['fitness']:.4f} genome {best['genome_hash'][:12]}, "
           f"health {summary['health']}")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -41,23 +42,26 @@ def free_port() -> int:
 
 
 class PrefectServer:
-    """`prefect server start` in its own process group with its own PREFECT_HOME; `env` is what its clients use."""
+    """`prefect server start` in its own process group with its own PREFECT_HOME; `env` is what its clients use.
+    With `auth` ("user:password") the server takes only clients that send it (PREFECT_API_AUTH_STRING)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, auth: str | None = None):
         self.home = home
         self.url = f"http://127.0.0.1:{free_port()}/api"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
         self.env = {**base, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_API_URL": self.url, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                     # the infra scripts call `prefect` and `darwin`: this interpreter's, even from an unactivated venv
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    **({"PREFECT_API_AUTH_STRING": auth} if auth else {})}
+        self.server_env = {"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {}
         self.process = None
         self.start_seconds = None
 
     def start(self):
         port = self.url.split(":")[-1].split("/")[0]
         started = time.perf_counter()
-        env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        env = {**{k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}, **self.server_env}
         with open(self.home / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
             self.process = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                              "--port", port, "--no-ui", "--analytics-off"], env=env, stdout=log,
@@ -92,10 +96,11 @@ class PrefectServer:
     def query(self, read):
         """Run `read(client)` against this server through prefect.client.orchestration.get_client."""
         from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
         async def go():
-            with temporary_settings({PREFECT_API_URL: self.url}):
+            with temporary_settings({PREFECT_API_URL: self.url,
+                                     PREFECT_API_AUTH_STRING: self.env.get("PREFECT_API_AUTH_STRING")}):
                 async with get_client() as client:
                     return await read(client)
 
@@ -200,6 +205,92 @@ def test_a_fitness_cache_on_s3_serves_every_run(prefect_api, s3_results, pico_fa
     assert written and not [path for path in written if secret.encode() in path.read_bytes()]
     assert not [key for key in keys if secret.encode() in client.get_object(Bucket="darwin-results", Key=key)["Body"]
                 .read()]
+
+
+class RayCluster:
+    """A Ray head and a second Ray node, each its own `ray start` on this machine, with token authentication (what
+    `ray start` enables by default) and the environment a real node would have."""
+
+    def __init__(self, env: dict):
+        self.port = free_port()
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start(self):
+        started = time.perf_counter()
+        common = ["--num-cpus", "1", "--object-store-memory", str(256 << 20), "--disable-usage-stats"]
+        for node in (["--head", "--port", str(self.port), "--include-dashboard=false"],
+                     ["--address", f"127.0.0.1:{self.port}"]):
+            subprocess.run([str(BIN / "ray"), "start", *node, *common], env=self.env, check=True,
+                           capture_output=True, timeout=120)
+        print(f"two Ray nodes up in {time.perf_counter() - started:.1f} s")
+
+    def stop(self):
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+
+def task_workers() -> list[int]:
+    """Ray worker processes evaluating a genome (Ray titles a busy worker after its task: prefect-ray names the task
+    after the Prefect task)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::evaluate_candidate"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_two_node_ray_run_survives_a_killed_worker(pico_family, s3_results, tmp_path):
+    """`runner: ray` across two Ray nodes, against a Prefect server behind an auth string, the fitness cache on S3:
+    a Ray worker killed in the middle of a Phase 2 generation is retried, and the run ends with the history and
+    best child of an uninterrupted run; no file either run wrote holds a secret."""
+    auth = f"darwin:{secrets.token_hex(12)}"
+    server = PrefectServer(tmp_path / "prefect-home", auth=auth)
+    (tmp_path / "prefect-home").mkdir()
+    s3_secret = f"darwin-test-secret-{secrets.token_hex(8)}"  # moto takes any key: one no file may contain
+    cluster = RayCluster({**server.env, **s3_results, "AWS_SECRET_ACCESS_KEY": s3_secret})
+    config = write_config(tmp_path / "config.yaml", pico_family, phase1__steps=0, phase2__steps=2,
+                          phase2__popsize=3, runner={"kind": "ray", "address": f"127.0.0.1:{cluster.port}"})
+    try:
+        server.start()
+        cluster.start()
+        runs, killed = {}, []
+        for label in ("killed", "uninterrupted"):
+            started = time.perf_counter()
+            command = [str(BIN / "darwin"), "evolve", str(config), "--out", str(tmp_path / label),
+                       "--fitness-cache", f"s3://darwin-results/cache-{label}"]
+            with open(tmp_path / f"{label}.log", "wb") as log:
+                run = subprocess.Popen(command, env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                while label == "killed" and not killed and run.poll() is None:
+                    busy = task_workers()
+                    if busy and (tmp_path / label / "history.parquet").exists():  # Phase 2's 2nd generation
+                        os.kill(busy[0], signal.SIGKILL)
+                        killed.append(busy[0])
+                    time.sleep(0.1)
+                assert run.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / f"{label}.log").read_text()[-3000:]
+            print(f"darwin evolve on two Ray nodes ({label}): {time.perf_counter() - started:.1f} s")
+            runs[label] = (pd.read_parquet(tmp_path / label / "history.parquet"),
+                           json.loads((tmp_path / label / "summary.json").read_text()))
+    finally:
+        cluster.stop()
+        server.stop()
+    assert killed, "no Ray worker was running a task to kill"
+    (killed_history, killed_summary), (history, summary) = runs["killed"], runs["uninterrupted"]
+    columns = ["phase", "generation", "genome_hash", "fitness"]
+    assert not killed_history["failed"].any() and len(history) == 6
+    pd.testing.assert_frame_equal(killed_history[columns], history[columns])
+    assert killed_summary["best"]["genome_hash"] == summary["best"]["genome_hash"]
+    best = {label: Checkpoint(tmp_path / label / "best") for label in runs}
+    assert all(best["killed"].read_array(n).tobytes() == best["uninterrupted"].read_array(n).tobytes()
+               for n in best["uninterrupted"].tensors)
+    nodes = {worker.split(":")[1] for worker in history["worker"]}
+    assert len(nodes) >= 2  # evaluated by more than one Ray worker process
+    secrets_ = [auth.split(":")[1], cluster.env["RAY_AUTH_TOKEN"], s3_secret]
+    written = [path for label in runs for path in (tmp_path / label).rglob("*") if path.is_file()]
+    assert not [path for path in written if any(secret.encode() in path.read_bytes() for secret in secrets_)]
 
 
 def test_register_deploy_and_run_once_through_a_process_worker(server, pico_family, tmp_path):
