@@ -24,7 +24,7 @@ from darwin.evaluate import EvalResult, TaskSet, evaluate, fitness_cache_key
 from darwin.genome import Genome
 from darwin.merge import load_mri, merge_into_model, plan_merge
 from darwin.prescribe import RULES_VERSION, load_signals
-from darwin.runtime import CACHE_ROOT
+from darwin.runtime import CACHE_ROOT, pick_device
 
 # Phase 1's measured proxy: the same tasks on their first questions only, scored by the mean margin of the right
 # answer (continuous) rather than accuracy on so few questions.
@@ -88,20 +88,6 @@ class _Worker(threading.local):
 
 
 _worker = _Worker()
-_device_counter = iter(range(1 << 30))
-_device_lock = threading.Lock()
-
-
-def worker_device(requested: str) -> str:
-    """auto: one GPU per worker thread, round robin over the visible GPUs (pinned for the thread's life)."""
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "cpu"
-    if not hasattr(_worker, "device"):
-        with _device_lock:
-            _worker.device = f"cuda:{next(_device_counter) % torch.cuda.device_count()}"
-    return _worker.device
 
 
 def _load(checkpoint: Checkpoint, device: str):
@@ -128,7 +114,7 @@ def _prepare(parents: Parents, device: str):
 def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size: int | str = 8,
                 device: str = "auto") -> EvalResult:
     """A checkpoint on disk scored on `tasks` (the held-out report scores father, mother and child so)."""
-    model, tokenizer = _load(Checkpoint(path), worker_device(device))
+    model, tokenizer = _load(Checkpoint(path), pick_device(device))
     with torch.no_grad():
         return evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
 
@@ -156,7 +142,7 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
     if hit is not None:
         return {**hit, "cached": True}
     started = time.perf_counter()
-    device = worker_device(device)
+    device = pick_device(device)
     worker = _prepare(parents, device)
     father, mother, base = worker.checkpoints
     plan = plan_merge(father, mother, genome, parents.method, base=base, mri_a=worker.mri[0], mri_b=worker.mri[1],

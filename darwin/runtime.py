@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
+import tempfile
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 from darwin.errors import DarwinError
@@ -18,17 +22,66 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 def pick_device(device: str = "auto") -> str:
+    """The device to run on; `auto` is a GPU this thread leases (`lease`), else the CPU."""
     if device == "cpu":  # without importing torch: `darwin merge` on CPU runs without it
         return device
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        slots = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+        return f"cuda:{lease(slots)}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DarwinError(f"device {device!r} asked for, but CUDA is not available on this machine")
     if device != "cpu" and not device.startswith("cuda"):
         raise DarwinError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
     return device
+
+
+# Where a host's darwin processes lease their GPUs (DARWIN_LEASES moves it; one directory per host, not shared)
+LEASES = Path(os.environ.get("DARWIN_LEASES", Path(tempfile.gettempdir()) / "darwin-leases"))
+_leased: dict[str, int] = {}  # slot -> the descriptor of its lock, for this process's life
+_users: Counter = Counter()  # slot -> threads of this process on it
+_lease_lock = threading.Lock()
+_thread = threading.local()
+
+
+def lease(slots: list[str], poll: float = 0.5) -> int:
+    """The index of the slot (a GPU, by its UUID) this thread runs on, the same for the thread's life.
+
+    A slot belongs to one process of the host at a time: an exclusive flock on LEASES/<slot>, which the kernel drops
+    when the process dies (a killed worker frees its GPU). A thread takes a slot no process holds; when the process
+    already holds every slot it can get, its threads share them (fewest threads first) instead of waiting on
+    themselves; a process holding none waits for one to free. So two flow runs on one host never share a GPU, and
+    a run's own tasks never deadlock over them.
+    """
+    held = getattr(_thread, "slot", None)
+    if held in slots:
+        return slots.index(held)
+    LEASES.mkdir(parents=True, exist_ok=True)
+    while True:
+        with _lease_lock:
+            slot = next((s for s in slots if s not in _leased and _try_lock(s)), None)
+            if slot is None:
+                own = [s for s in slots if s in _leased]
+                slot = min(own, key=lambda s: _users[s]) if own else None
+            if slot is not None:
+                _users[slot] += 1
+                _thread.slot = slot
+                return slots.index(slot)
+        time.sleep(poll)
+
+
+def _try_lock(slot: str) -> bool:
+    descriptor = os.open(LEASES / slot, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return False
+    _leased[slot] = descriptor
+    return True
 
 
 def cpu_threads() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from darwin.evaluate import TaskSet, check_chat_template, prepared_tasks
 from darwin.genome import Genome
 from darwin.merge import load_mri
 from darwin.report import write_json
+from darwin.runtime import pick_device
 from darwin.search import Search, heuristic_fitness, prescription_by_gene
 from flows.health import health_flow
 from flows.profile import profile_flow
@@ -38,13 +38,14 @@ from flows.release import release_flow
 from tasks.evolve import default_workers, evaluate_candidate, record_generation, report_evolution, \
     run_heuristic_phase, score_heldout, start_progress
 from tasks.merge import merge_child
+from tasks.policy import on_gpu
 from tasks.probe import probe_model, routing_stats
 
 
 def _candidate_placement(config: RunConfig):
-    """On Ray each genome claims one GPU (or one CPU on a CPU-only cluster); locally the pool size does it."""
+    """On Ray each genome claims one GPU (or one CPU on a CPU-only cluster); locally one of the host's GPU slots."""
     if config.runner.kind != "ray":
-        return nullcontext()
+        return on_gpu(config.phase2.device)
     import ray
     from prefect_ray.context import remote_options
 
@@ -122,9 +123,12 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     for role, checkpoint in (("father", father), ("mother", mother)):
         out = str(layout.path("probes", role))
         if cfg.genome == "v6":
-            probe_model(checkpoint.source, out, device=device, label=role)
+            with on_gpu(device):
+                probe_model(checkpoint.source, out, device=device, label=role)
             probed[role] = out
-        if routing_stats(checkpoint.source, out, device=device, label=role) or probed[role]:
+        with on_gpu(device):
+            routed = routing_stats(checkpoint.source, out, device=device, label=role)
+        if routed or probed[role]:
             probes[role] = out
     parents = fitness.Parents(father.source, mother.source, cfg.method, base.source if base else None,
                               mri_father, mri_mother, probes["father"], probes["mother"])
@@ -164,9 +168,10 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     mark = time.perf_counter()
     best = evolution.best_row(rows)
     genes = evolution.genes_of(best, cfg.genome, cfg.blocks)
-    best_dir = merge_child(parents.father, parents.mother, genes, cfg.method, str(layout.path("best")),
-                           parents.base, mri_father, mri_mother, probes["father"], probes["mother"],
-                           fitness.worker_device(device))
+    with on_gpu(device):
+        best_dir = merge_child(parents.father, parents.mother, genes, cfg.method, str(layout.path("best")),
+                               parents.base, mri_father, mri_mother, probes["father"], probes["mother"],
+                               pick_device(device))
     seconds["best"] = time.perf_counter() - mark
     mark = time.perf_counter()
     health = health_flow(best_dir, parents.father, parents.mother, str(layout.path("health")),
@@ -179,8 +184,10 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     if heldout_tasks is not None:
         mark = time.perf_counter()
         models = {"father": parents.father, "mother": parents.mother, "child": best_dir}
-        futures = score_heldout.map(list(models), list(models.values()), unmapped(heldout_tasks),
-                                    unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size), unmapped(device))
+        with on_gpu(device):
+            futures = score_heldout.map(list(models), list(models.values()), unmapped(heldout_tasks),
+                                        unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size),
+                                        unmapped(device))
         heldout = evolution.heldout_report({role: future.result() for role, future in zip(models, futures)},
                                            cfg.heldout.split)
         seconds["heldout"] = time.perf_counter() - mark

@@ -20,6 +20,7 @@ from darwin.health import check_thresholds
 from darwin.probes import load_probes, read_importance
 from darwin.runtime import pick_device
 from flows.cli import device_type
+from tasks.policy import on_gpu
 from tasks.probe import health_check, probe_model
 
 FAIL_EXIT = 3
@@ -30,11 +31,12 @@ def health_flow(child: str, father: str, mother: str, out: str, interference: fl
                 function_loss: float = 0.5, probes_dir: str | None = None, device: str = "auto",
                 father_probes: str | None = None, mother_probes: str | None = None,
                 trust_remote_code: bool = False, noise: float = 0.0) -> dict:
-    child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child", trust_remote_code)
-    father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device, "father",
-                                                 trust_remote_code)
-    mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device, "mother",
-                                                 trust_remote_code)
+    with on_gpu(device):
+        child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child", trust_remote_code)
+        father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device,
+                                                     "father", trust_remote_code)
+        mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device,
+                                                     "mother", trust_remote_code)
     return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss, noise)
 
 

@@ -17,14 +17,16 @@ from darwin.checkpoint import Checkpoint
 from darwin.probes import load_probes, load_texts
 from darwin.runtime import pick_device
 from flows.cli import device_type
+from tasks.policy import on_gpu
 from tasks.probe import probe_model, routing_stats
 
 
 @flow(name="darwin-probe", log_prints=True)
 def probe_flow(model: str, out: str, probes_dir: str | None = None, calibration: str | None = None,
                device: str = "auto", label: str = "model", trust_remote_code: bool = False) -> dict:
-    importance = probe_model(model, out, probes_dir, device, label, trust_remote_code)
-    routing = routing_stats(model, out, calibration, probes_dir, device, label, trust_remote_code)
+    with on_gpu(device):
+        importance = probe_model(model, out, probes_dir, device, label, trust_remote_code)
+        routing = routing_stats(model, out, calibration, probes_dir, device, label, trust_remote_code)
     return {"probes": importance, "routing": routing}
 
 

@@ -17,13 +17,15 @@ from darwin.quantize import SCHEMES, check_source
 from darwin.quantize.calibration import SAMPLES, SEQ_LEN, Calibration, calibration_set
 from darwin.runtime import pick_device
 from flows.cli import device_type
+from tasks.policy import on_gpu
 from tasks.release import quantize_model
 
 
 @flow(name="darwin-release", log_prints=True)
 def release_flow(model: str, scheme: str, out: str, calibration: Calibration | None = None,
                  device: str = "auto") -> str:
-    return quantize_model(model, scheme, out, calibration, device)
+    with on_gpu(device if scheme == "mfp4" else "cpu"):  # nvfp4a16 runs on the CPU: it takes no GPU slot
+        return quantize_model(model, scheme, out, calibration, device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Register darwin with a Prefect server (PREFECT_API_URL): work pools, the `gpu` concurrency limit, the result
+# Register darwin with a Prefect server (PREFECT_API_URL): work pools, this host's `gpu:<host>` limit, the result
 # storage block, then every deployment of deployments/prefect.yaml.
 #
 #     PREFECT_API_URL=http://127.0.0.1:4200/api infra/register.sh
 #
 # DARWIN_GPU_POOL_TYPE  process (default: one GPU box runs flows as subprocesses) or kubernetes (H100 nodes, from
 #                       infra/pools/gpu-h100-kubernetes.json; the kubernetes worker needs prefect-kubernetes)
-# DARWIN_GPUS           slots of the `gpu` tag limit (default: GPUs seen here, at least 1)
+# DARWIN_GPUS           slots of the `gpu:<host>` tag limit (default: GPUs seen here, at least 1; every GPU worker
+#                       sets its own host's at start, infra/worker.sh)
 # DARWIN_RESULTS_URL    if set, result storage block darwin-results at this fsspec URL (s3://bucket/prefix)
 # The deployments' pull step reads DARWIN_HOME on each worker (infra/worker.sh sets it; the image uses /opt/darwin):
 # nothing of the deployer's paths is baked into them.

@@ -18,4 +18,7 @@ export DARWIN_HOME="${DARWIN_HOME:-$(cd "$(dirname "$0")/.." && pwd)}"
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT="${PREFECT_RESULTS_PERSIST_BY_DEFAULT:-true}"
 export PREFECT_LOCAL_STORAGE_PATH="${PREFECT_LOCAL_STORAGE_PATH:-$DARWIN_HOME/.prefect-results}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+if [ "$kind" = gpu ]; then
+  "$(dirname "$0")/limits.sh"  # this host's GPU slots
+fi
 exec prefect worker start --pool "darwin-$kind" --name "${DARWIN_WORKER_NAME:-$kind-$(hostname)}" "$@"

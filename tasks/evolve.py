@@ -26,7 +26,7 @@ def _candidate_name() -> str:
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
-      task_run_name=_candidate_name, tags=["gpu"], cache_policy=NO_CACHE)
+      task_run_name=_candidate_name, cache_policy=NO_CACHE)
 def evaluate_candidate(genes: dict, parents: fitness.Parents, tasks: TaskSet, limit: int | None, batch_size: int | str,
                        device: str, cache_dir: str | None, inputs: dict[str, str | None]) -> dict:
     return fitness.evaluate_genome(parents, genes, tasks, limit, batch_size, device,
@@ -34,7 +34,7 @@ def evaluate_candidate(genes: dict, parents: fitness.Parents, tasks: TaskSet, li
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      task_run_name="score-heldout-{role}", tags=["gpu"], cache_policy=NO_CACHE)
+      task_run_name="score-heldout-{role}", cache_policy=NO_CACHE)
 def score_heldout(role: str, model: str, tasks: TaskSet, limit: int | None, batch_size: int | str,
                   device: str) -> EvalResult:
     return fitness.score_model(model, tasks, limit, batch_size, device)

@@ -21,7 +21,7 @@ def _run_name() -> str:
 
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
-      task_run_name=_run_name, tags=["gpu"])
+      task_run_name=_run_name)
 def merge_child(father: str, mother: str, genes: dict, method: str, out: str, base: str | None = None,
                 mri_father: str | None = None, mri_mother: str | None = None, probes_father: str | None = None,
                 probes_mother: str | None = None, device: str = "cpu") -> str:

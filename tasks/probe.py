@@ -12,7 +12,7 @@ from tasks.policy import retry_unless_user_error
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      task_run_name="probe-{label}", tags=["gpu"])
+      task_run_name="probe-{label}")
 def probe_model(model: str, out: str, probes_dir: str | None = None, device: str = "auto", label: str = "model",
                 trust_remote_code: bool = False) -> str:
     loaded, tokenizer = probes.load_model(model, device, trust_remote_code)
@@ -27,7 +27,7 @@ def probe_model(model: str, out: str, probes_dir: str | None = None, device: str
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      task_run_name="routing-{label}", tags=["gpu"])
+      task_run_name="routing-{label}")
 def routing_stats(model: str, out: str, calibration: str | None = None, probes_dir: str | None = None,
                   device: str = "auto", label: str = "model", trust_remote_code: bool = False) -> str | None:
     """`routing.parquet` for a model with routed experts; None (nothing loaded) for a dense one."""

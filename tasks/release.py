@@ -16,7 +16,7 @@ from tasks.policy import retry_unless_user_error
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      task_run_name="quantize-{scheme}", tags=["gpu"])
+      task_run_name="quantize-{scheme}")
 def quantize_model(model: str, scheme: str, out: str, calibration: Calibration | None = None,
                    device: str = "auto") -> str:
     report_path = Path(out) / "roundtrip.json"

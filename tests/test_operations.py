@@ -302,7 +302,8 @@ def test_register_deploy_and_run_once_through_a_process_worker(server, pico_fami
 
     async def registered(client):
         pools = {name: await client.read_work_pool(name) for name in ("darwin-cpu", "darwin-gpu")}
-        return pools, await client.read_deployments(), await client.read_concurrency_limit_by_tag("gpu")
+        return pools, await client.read_deployments(), await client.read_concurrency_limit_by_tag(
+            f"gpu:{socket.gethostname()}")
 
     pools, deployments, gpu_limit = server.query(registered)
     assert pools["darwin-cpu"].type == "process" and pools["darwin-gpu"].type == "kubernetes"

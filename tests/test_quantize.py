@@ -15,6 +15,7 @@ from darwin.checkpoint import Checkpoint, CheckpointWriter
 from darwin.errors import DarwinError
 from darwin.quantize import quantize
 from darwin.quantize.calibration import Calibration, calibration_set
+from tasks.policy import gpu_tag
 
 FAMILIES = ("qwen3_5", "qwen3_5_moe_text")
 SCHEMES = ("mfp4", "nvfp4a16")
@@ -265,6 +266,17 @@ def test_bad_inputs_are_one_clear_error(source, quantized, tmp_path, capsys):
     assert len(err) == 1 and "no MLP" in err[0]
 
 
+def quantize_task_tags(name: str) -> set[str]:
+    """The tags of the task runs named `name` on the test's Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+    assert runs
+    return {tag for run in runs for tag in run.tags}
+
+
 def test_mfp4_calibrates_on_the_set_it_is_given(source, quantized, pico_family, tmp_path, capsys, prefect_api):
     """A task's documents as calibration texts, counted and cut as asked: the activation scales move with them,
     the weights do not, and roundtrip.json says what the set was."""
@@ -287,6 +299,7 @@ def test_mfp4_calibrates_on_the_set_it_is_given(source, quantized, pico_family, 
     assert main(["quantize", str(source("qwen3_5")), "--scheme", "nvfp4a16", "--calibration", task, "--out",
                  str(tmp_path / "refused")]) == 2
     assert "calibration is for mfp4" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert gpu_tag() in quantize_task_tags("quantize-mfp4")  # device auto: calibration may run on a GPU
 
 
 def test_quantize_command_runs_the_release_flow(source, tmp_path, prefect_api):
@@ -298,6 +311,7 @@ def test_quantize_command_runs_the_release_flow(source, tmp_path, prefect_api):
     assert main(["quantize", str(source("qwen3_5_moe_text")), "--scheme", "nvfp4a16", "--out", str(out)]) == 0
     report = json.loads((out / "roundtrip.json").read_text())
     assert report["scheme"] == "nvfp4a16" and report["overall"]["relative_frobenius"] < 0.15
+    assert not any(tag.startswith("gpu") for tag in quantize_task_tags("quantize-nvfp4a16"))  # CPU only: no slot
     artifact = Artifact.get("roundtrip-nvfp4a16")
     assert artifact is not None and len(artifact.data if isinstance(artifact.data, list) else json.loads(
         artifact.data)) == len(report["tensors"]) + 1

@@ -28,3 +28,41 @@ def test_models_loaded_in_parallel_threads_are_whole(tied_model):
     for model in load_in_threads(tied_model):
         assert not model.lm_head.weight.is_meta
         assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+LEASE = """
+import os, sys, threading, time
+import darwin.runtime as runtime
+slots = sys.argv[1].split(",")
+indices = [None] * int(sys.argv[2])
+def take(i):
+    indices[i] = runtime.lease(slots, poll=0.05)
+threads = [threading.Thread(target=take, args=(i,)) for i in range(len(indices))]
+for t in threads: t.start()
+for t in threads: t.join()
+print(",".join(slots[i] for i in indices), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_gpu_leases_keep_processes_of_a_host_apart(tmp_path):
+    """Two GPUs (slots by UUID): a process with two threads takes both; a second process waits until the first
+    dies (the kernel drops its locks, as for a killed worker), then takes one; the threads of one process share
+    its slots rather than wait on each other."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DARWIN_LEASES": str(tmp_path / "leases")}
+
+    def start(threads, hold):
+        return subprocess.Popen([sys.executable, "-c", LEASE, "gpu-a,gpu-b", str(threads), str(hold)], env=env,
+                                stdout=subprocess.PIPE, text=True)
+
+    first = start(threads=3, hold=2)
+    taken = sorted(first.stdout.readline().strip().split(","))
+    assert taken in (["gpu-a", "gpu-a", "gpu-b"], ["gpu-a", "gpu-b", "gpu-b"])
+    second = start(threads=1, hold=0)
+    assert second.stdout.readline().strip() in ("gpu-a", "gpu-b")
+    assert first.poll() is not None  # it got a GPU only once the first process was gone
+    assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
