@@ -71,17 +71,19 @@ def qwen35_moe_text_config():
 
 
 def gemma4_text_config():
+    """An E-series text model: per-layer inputs, and the last two layers reuse the k/v of earlier ones. Gemma 4's
+    full-attention layers have a head size of their own (global_head_dim), given so that a saved config holds it."""
     return tf.Gemma4TextConfig(**_text_kwargs(
         tie_word_embeddings=True, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        sliding_window=32, per_layer_config=None))
+        sliding_window=32, global_head_dim=16, num_kv_shared_layers=2))
 
 
 def gemma4_moe_text_config():
     return tf.Gemma4TextConfig(**_text_kwargs(
         tie_word_embeddings=True, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        sliding_window=32, per_layer_config=None, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        sliding_window=32, global_head_dim=16, enable_moe_block=True, num_experts=4, top_k_experts=2,
         moe_intermediate_size=32))
 
 
@@ -146,16 +148,39 @@ def official_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
     """A Qwen3.5 vision-language release as the hub stores it, written straight with safetensors (no transformers
     save): `model.language_model.*`, `model.visual.*` and `mtp.*`, bf16 with float32 A_log and linear-attention
     norms, in several shards with an index, the config and the demo's character tokenizer."""
+    model = build("qwen3_5", seed=seed, dtype=torch.float32)
+    tensors = {name: tensor.to(torch.float32 if FLOAT32_IN_RELEASES.search(name) else torch.bfloat16).contiguous()
+               for name, tensor in model.state_dict().items()}
+    tensors.update(mtp_tensors(seed=seed))
+    return write_release(path, tensors, model.config, shards)
+
+
+def gemma4_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
+    """A Gemma 4 E-series text release as the hub stores it: its last two layers share the k/v of earlier ones
+    (`num_kv_shared_layers`), and the release still carries their k_proj, v_proj and k_norm, which transformers
+    neither builds nor saves."""
+    model = build("gemma4_text", seed=seed, dtype=torch.float32)
+    tensors = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight"}  # tied to the embeddings: releases store it once
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    for layer in range(config.num_hidden_layers - config.num_kv_shared_layers, config.num_hidden_layers):
+        prefix, donor = f"model.layers.{layer}.self_attn", f"model.layers.{layer - 2}.self_attn"
+        for part in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            shape = tensors[f"{donor}.{part}"].shape
+            tensors[f"{prefix}.{part}"] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    return write_release(path, tensors, config, shards)
+
+
+def write_release(path: Path, tensors: dict, config, shards: int) -> Path:
+    """`tensors` in `shards` safetensors files with the hub's index, config.json (bf16), a card of the release's
+    own and the demo's character tokenizer."""
     import json
 
     from safetensors.torch import save_file
 
     from darwin.demo.tokenizer import build_tokenizer
 
-    model = build("qwen3_5", seed=seed, dtype=torch.float32)
-    tensors = {name: tensor.to(torch.float32 if FLOAT32_IN_RELEASES.search(name) else torch.bfloat16).contiguous()
-               for name, tensor in model.state_dict().items()}
-    tensors.update(mtp_tensors(seed=seed))
     path.mkdir(parents=True)
     names = sorted(tensors)
     weight_map = {}
@@ -167,7 +192,7 @@ def official_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}, indent=2))
-    config = model.config.to_dict()
+    config = config.to_dict()
     config["dtype"] = "bfloat16"
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "README.md").write_text("---\nlicense: other\nlibrary_name: transformers\n---\n# The release's own card\n")

@@ -373,10 +373,17 @@ def test_merge_user_error_is_not_retried(prefect_api, pico_family, pico_checkpoi
 
 
 def task_run_count(state) -> int:
+    """How often the API says the task ran, once it has the run's final state: a task called outside a flow reports
+    through events, which the server records a moment later."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return client.read_task_run(state.state_details.task_run_id).run_count
+        for _ in range(300):
+            run = client.read_task_run(state.state_details.task_run_id)
+            if run.state is not None and run.state.is_final() and run.run_count:
+                return run.run_count
+            time.sleep(0.1)
+    raise AssertionError(f"the API never recorded the end of task run {state.state_details.task_run_id}")
 
 
 @pytest.mark.slow

@@ -105,19 +105,19 @@ def test_written_nvfp4_decodes_close_to_source(family, scheme, source, quantized
         assert all(out[f"{m}.input_scale"].dtype == torch.float32 for m in modules)
 
 
-def test_nvfp4a16_parts_vllm_fuses_share_one_global_scale(source, tmp_path):
-    """vLLM runs q/k/v (and gate/up) as one kernel with ONE global scale, the largest of the parts'. A k_proj four
-    times larger than q_proj and v_proj: all three must carry the same scale, or vLLM decodes two of them with the
-    third one's."""
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_moe"])
+def test_nvfp4a16_parts_vllm_fuses_share_one_global_scale(source, tmp_path, family):
+    """vLLM runs q/k/v and gate/up (each expert's gate/up too) as one kernel with ONE global scale, the largest of
+    the parts'. A k_proj and an up_proj four times larger than their partners: the parts must carry the same scale,
+    or vLLM decodes the others with the largest one's."""
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / "skewed"
-    shutil.copytree(source("qwen3_5"), path)
+    shutil.copytree(source(family), path)
     for shard in path.glob("*.safetensors"):
         tensors = load_file(shard)
-        if any(".k_proj." in name for name in tensors):
-            save_file({name: t * 4 if ".self_attn.k_proj." in name else t for name, t in tensors.items()}, shard,
-                      metadata={"format": "pt"})
+        save_file({name: t * 4 if (".self_attn.k_proj." in name or ".up_proj." in name) else t
+                   for name, t in tensors.items()}, shard, metadata={"format": "pt"})
     out = read_all(quantize(path, "nvfp4a16", tmp_path / "out"))
     src = read_all(path)
     groups = {}
@@ -129,6 +129,8 @@ def test_nvfp4a16_parts_vllm_fuses_share_one_global_scale(source, tmp_path):
             groups.setdefault((prefix, kernel.get(part, part)), {})[part] = scale
     fused = {key: parts for key, parts in groups.items() if len(parts) > 1}
     assert any(key[1] == "qkv" for key in fused) and any(key[1] == "gate_up" for key in fused)
+    if family == "qwen3_moe":  # one gate/up kernel per expert
+        assert any(".experts." in prefix for prefix, kernel in fused if kernel == "gate_up")
     for (prefix, _), parts in fused.items():
         served = max(parts.values(), key=float)  # what vLLM applies to the fused kernel
         for part, scale in parts.items():

@@ -117,6 +117,54 @@ def test_evolution_on_a_release_and_its_fine_tune(prefect_api, release_pair, pic
     assert summary["heldout"]["questions"] == 12
 
 
+@pytest.fixture(scope="module")
+def gemma_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma4")
+    release = pico.gemma4_release(root / "release")
+    return {"release": release, "fine_tune": pico.fine_tune_of(release, root / "fine-tune", seed=1)}
+
+
+@pytest.mark.parametrize("method", ["darwin-v5", "darwin-v6", "dare-ties"])
+def test_a_gemma4_release_merges_with_its_fine_tune(gemma_pair, tmp_path, method):
+    """The release's k/v of its kv-shared layers, which transformers neither builds nor saves, are carried."""
+    father, mother = Checkpoint(gemma_pair["release"]), Checkpoint(gemma_pair["fine_tune"])
+    genome = Genome.from_dict(V5 if method == "darwin-v5" else V6)
+    base = father if method == "dare-ties" else None
+    child = Checkpoint(merge_to_dir(plan_merge(father, mother, genome, method, base=base), tmp_path / "child"))
+    assert {n: i.dtype for n, i in child.tensors.items()} == {n: i.dtype for n, i in father.tensors.items()}
+    report = json.loads((child.path / "merge_report.json").read_text())["tensors"]
+    only_father = sorted(n for n in father.tensors if n not in mother.tensors)
+    assert only_father == [f"model.layers.{layer}.self_attn.{part}.weight" for layer in (2, 3)
+                           for part in ("k_norm", "k_proj", "v_proj")]
+    for name in only_father:
+        assert report[name]["carried"] == "father"
+        assert np.array_equal(child.read_array(name), father.read_array(name))
+    shared = [n for n in father.tensors if n in mother.tensors]
+    merged = [n for n in shared if not np.array_equal(child.read_array(n), father.read_array(n))
+              and not np.array_equal(child.read_array(n), mother.read_array(n))]
+    assert len(merged) > len(shared) // 2
+    model = tf.Gemma4ForCausalLM.from_pretrained(child.path)
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.slow
+def test_evolution_on_a_gemma4_release_and_its_fine_tune(prefect_api, gemma_pair, pico_family, tmp_path):
+    from darwin.config import parse_config
+    from flows import evolve
+
+    config = parse_config({
+        "father": str(gemma_pair["release"]), "mother": str(gemma_pair["fine_tune"]), "method": "darwin-v6",
+        "genome": "v6", "blocks": 2, "seed": 1, "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
+        "phase2": {"steps": 2, "popsize": 3, "tasks": [str(pico_family["task"])], "device": "cpu"}})
+    summary = evolve.run_evolution(config, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
+    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    assert (history["phase"] == 2).sum() == 6 and not history["failed"].any()
+    assert history.query("phase == 2")["fitness"].nunique() > 1  # the genomes differ in what the model computes
+    best = Checkpoint(summary["best_dir"])
+    assert set(best.tensors) == set(Checkpoint(gemma_pair["release"]).tensors)
+    assert summary["health"] == "pass"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["nvfp4a16", "mfp4"])
 def test_release_formats_keep_what_they_do_not_quantize_as_the_release_holds_it(release_pair, tmp_path, scheme):
