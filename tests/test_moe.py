@@ -17,18 +17,21 @@ TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "What
          "Translate into French: the cat sleeps.", "If all A are B and all B are C, are all A C?"]
 
 
-def rigged_qwen3_moe(dead: dict[int, set[int]]):
-    """A pico Qwen3-MoE whose routers never pick the `dead` experts. Residual channel 0 is held at a constant
-    positive value (set in every embedding, and no attention or expert writes to it), so after the RMSNorm it is
-    positive for every token; a router row with -4 there loses to every row with +4, whatever the other
-    (random, small) channels say."""
-    model = pico.build("qwen3_moe", dtype=torch.float32)
+def rigged_moe(dead: dict[int, set[int]], family: str = "qwen3_moe"):
+    """A pico MoE (Qwen3-MoE, or Qwen3.5-MoE with its linear attention and shared expert) whose routers never pick
+    the `dead` experts. Residual channel 0 is held at a constant positive value (set in every embedding, and no
+    attention, expert or shared expert writes to it), so after the RMSNorm it is positive for every token; a router
+    row with -4 there loses to every row with +4, whatever the other (random, small) channels say."""
+    model = pico.build(family, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 8.0
         for index, layer in enumerate(model.model.layers):
-            layer.self_attn.o_proj.weight[0] = 0
+            attention = getattr(layer, "self_attn", None)
+            (attention.o_proj if attention is not None else layer.linear_attn.out_proj).weight[0] = 0
             layer.mlp.experts.down_proj[:, 0] = 0
+            if hasattr(layer.mlp, "shared_expert"):
+                layer.mlp.shared_expert.down_proj.weight[0] = 0
             router = layer.mlp.gate.weight
             router.copy_(torch.randn(router.shape, generator=g) * 0.1)
             for expert in range(router.shape[0]):
@@ -41,8 +44,9 @@ def tokenizer():
     return picotok.build()
 
 
-def test_a_router_that_never_selects_some_experts_reports_exactly_those_dead(tokenizer):
-    frame = moe.routing_stats(rigged_qwen3_moe(DEAD), tokenizer, TEXTS, batch_size=2)
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+def test_a_router_that_never_selects_some_experts_reports_exactly_those_dead(tokenizer, family):
+    frame = moe.routing_stats(rigged_moe(DEAD, family), tokenizer, TEXTS, batch_size=2)
     assert moe.dead_expert_map(frame) == DEAD
     dead_rows = frame[frame["dead"]]
     assert (dead_rows["frequency"] == 0).all()
@@ -86,7 +90,7 @@ def test_dense_model_has_no_routers(pico_checkpoint):
 
 
 def test_routing_files_keep_the_rule(tmp_path, tokenizer):
-    frame = moe.routing_stats(rigged_qwen3_moe(DEAD), tokenizer, TEXTS)
+    frame = moe.routing_stats(rigged_moe(DEAD), tokenizer, TEXTS)
     path = moe.write_routing(frame, tmp_path)
     again = moe.read_routing(path)
     pd.testing.assert_frame_equal(again, frame)
@@ -96,22 +100,39 @@ def test_routing_files_keep_the_rule(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_evolution_on_a_per_expert_pair_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_family, tmp_path):
-    """A Qwen3-MoE pair saved per expert (as transformers saves it) whose mother's router never picks expert 2 of
-    layer 1: darwin-v5's run profiles the routing, Phase 2 scores every genome in memory (experts fused in the model)
-    and the best child's expert 2 of layer 1 is the father's, byte for byte."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_family, tmp_path, family):
+    """A MoE pair as transformers saves it, per expert (Qwen3-MoE) or fused 3-D (Qwen3.5-MoE), whose mother's router
+    never picks expert 2 of layer 1: darwin-v5's run profiles the routing, Phase 2 scores every genome in memory
+    (experts fused in the model) and the best child's expert 2 of layer 1 is the father's, byte for byte (in a fused
+    tensor, its slice), while the live experts are merged. A Qwen3.5-MoE saved fresh by transformers comes out per
+    expert: the fused pair is the hub's layout, the father written straight with safetensors and the mother loaded
+    from that layout and saved by transformers, which keeps it."""
     from darwin.checkpoint import Checkpoint
     from darwin.config import parse_config
     from flows import evolve
 
+    import transformers as tf
+
+    fused = family == "qwen3_5_moe_text"
     paths = {}
     for role, dead, seed in (("father", {}, None), ("mother", {1: {2}}, 3)):
-        model = rigged_qwen3_moe({layer: dead.get(layer, set()) for layer in range(4)})
+        model = rigged_moe({layer: dead.get(layer, set()) for layer in range(4)}, family)
         if seed is not None:
             pico.perturbed(model, seed, scale=0.01)
-        paths[role] = pico.save(model.to(torch.bfloat16), tmp_path / role)
+        model = model.to(torch.bfloat16)
+        if fused:
+            tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+            paths[role] = pico.write_release(tmp_path / role, tensors, model.config, shards=2)
+            if role == "mother":
+                tf.AutoModelForCausalLM.from_pretrained(paths[role], dtype=torch.bfloat16).save_pretrained(
+                    tmp_path / "mother-saved", max_shard_size="200KB")
+                paths[role] = tmp_path / "mother-saved"
+        else:
+            paths[role] = pico.save(model, tmp_path / role)
         picotok.save_beside(paths[role])
-    assert any(".experts.0." in name for name in Checkpoint(paths["father"]).tensors)  # per expert on disk
+    for role in paths:  # the layout on disk
+        assert fused != any(".experts.0." in name for name in Checkpoint(paths[role]).tensors), role
     config = parse_config({
         "father": str(paths["father"]), "mother": str(paths["mother"]), "method": "darwin-v5", "seed": 0,
         "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1}, "heldout": {"split": None},
@@ -131,6 +152,13 @@ def test_evolution_on_a_per_expert_pair_takes_a_dead_expert_from_the_live_parent
     parents = {role: Checkpoint(paths[role]) for role in ("father", "mother")}
     for layer, experts in expected.items():
         for expert, donor in experts.items():
+            if fused:
+                for name in (f"model.layers.{layer}.mlp.experts.{part}" for part in ("gate_up_proj", "down_proj")):
+                    piece = child.read_array(name)
+                    assert np.array_equal(piece[int(expert)], parents[donor].read_array(name)[int(expert)]), name
+                    live = [e for e in range(piece.shape[0]) if str(e) not in experts]
+                    assert not np.array_equal(piece[live], parents["father"].read_array(name)[live])  # merged
+                continue
             names = [n for n in child.tensors if n.startswith(f"model.layers.{layer}.mlp.experts.{expert}.")]
             assert names
             for name in names:

@@ -74,8 +74,8 @@ def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path)
 
     path = pico_checkpoint("qwen3_5")
     checkpoint = Checkpoint(path)
-    out = profile_flow(str(path), str(tmp_path / "mri"), device="cpu", label="father")
-    frame = pd.read_parquet(out)
+    state = profile_flow(str(path), str(tmp_path / "mri"), device="cpu", label="father", return_state=True)
+    frame = pd.read_parquet(state.result())
     assert set(mri.COLUMNS) <= set(frame.columns)
     assert len(frame) == len(checkpoint.tensors)
     assert set(frame["shard"]) == set(checkpoint.shards)
@@ -86,13 +86,12 @@ def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path)
 
     import anyio
 
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    async def artifacts():
-        keys = ["mri-father", "mri-father-heatmap", "mri-father-progress"]
-        async with get_client() as client:  # by key: the session's server holds more than one page
-            return {a.key: a for a in await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+    async def artifacts():  # this run's: the session's server holds other runs' of the same keys
+        async with get_client() as client:
+            return {a.key: a for a in await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))}
 
     found = anyio.run(artifacts)
     assert {"mri-father", "mri-father-heatmap"} <= set(found)
