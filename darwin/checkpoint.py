@@ -216,9 +216,8 @@ class Checkpoint:
         if not self.tensors:
             raise DarwinError(f"checkpoint has no tensors: {self.path}")
         self.adapter = lora.LoraAdapter(adapter, self) if adapter is not None else None
-        for name in self.adapter.replaced if self.adapter else ():
-            shape, _ = self.adapter.shape(name)
-            self.tensors[name] = replace(self.tensors[name], shape=shape)
+        for name in self.adapter.replaced if self.adapter else ():  # stored in the base's dtype, at the adapter's shape
+            self.tensors[name] = replace(self.tensors[name], shape=self.adapter.shape(name))
 
     @property
     def source(self) -> str:

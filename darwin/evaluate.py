@@ -333,6 +333,6 @@ def fitness_cache_key(
     identities = sorted(json.dumps(task_identity(t), sort_keys=True, default=str) for t in specs)
     payload = {"inputs": dict(inputs), "genome": genome_hash, "tasks": identities, "split": split, "limit": limit}
     options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
-    if options != EvalOptions():  # lm-eval's defaults add nothing: a run that sets no option keys as before options
+    if options != EvalOptions():  # lm-eval's defaults add nothing to the key
         payload["options"] = asdict(options)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

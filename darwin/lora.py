@@ -95,24 +95,20 @@ class LoraAdapter:
         embedding = part["kind"] == "embedding"
         return Delta(part["A"], part["B"], scaling, embedding or bool(config.get("fan_in_fan_out")), embedding)
 
-    def shape(self, name: str) -> tuple[tuple[int, ...], str] | None:
-        """(shape, safetensors dtype) of a weight the adapter replaces whole, else None."""
-        key = self.replaced.get(name)
-        if key is None:
-            return None
-        piece = self._file.get_slice(key)
-        return tuple(piece.get_shape()), piece.get_dtype()
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a weight the adapter replaces whole (a resized embedding differs from the base's)."""
+        return tuple(self._file.get_slice(self.replaced[name]).get_shape())
 
-    def apply(self, name: str, base: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """The weight `name` as peft's merged model holds it in `dtype`, from the base's `base` (None where the base
-        lacks it); None where the adapter leaves the weight alone."""
+    def apply(self, name: str, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight `name`, one the adapter adapts or replaces, as peft's merged model holds it in `dtype`, from
+        the base's `base`."""
         import torch
 
         if name in self.replaced:
             base = self._file.get_tensor(self.replaced[name]).to(dtype)
         delta = self.deltas.get(name)
         if delta is None:
-            return base if name in self.replaced else None
+            return base
         # peft loads adapters in float32 under a bf16/fp16 model (autocast_adapter_dtype), in the model's dtype else
         lora_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         a, b = (self._file.get_tensor(key).to(lora_dtype) for key in (delta.a, delta.b))

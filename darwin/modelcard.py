@@ -74,8 +74,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _hub_repo(model: str | None) -> str | None:
-    """`model` when it names a Hugging Face hub repo (org/name): the only kind of name `base_model` may hold."""
-    return model if model and HUB_ID.fullmatch(model) and not Path(model).exists() else None
+    """The Hugging Face hub repo (org/name) `model` names, the only kind of name `base_model` may hold: of a parent
+    `BASE+ADAPTER` the adapter's, of `org/name@revision` the repo."""
+    if not model or Path(model).exists():
+        return None
+    repo = model.rsplit("+", 1)[-1].partition("@")[0]
+    return repo if HUB_ID.fullmatch(repo) and not Path(repo).exists() else None
 
 
 def card_data(info: dict):

@@ -217,6 +217,14 @@ def test_file_destination_resumes_and_reuploads_a_damaged_file(tmp_path, model_d
     assert (dest / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
 
 
+def test_model_card_names_hub_parents_by_their_repos():
+    """A revision is not part of a repo id; an adapter parent (BASE+ADAPTER) is named by its adapter's repo."""
+    from darwin.modelcard import card_data
+
+    data = card_data({"father": "org/father-9b@v2", "mother": "org/father-9b+org/mother-lora", "method": "dare-ties"})
+    assert data.base_model == ["org/father-9b", "org/mother-lora"] and data.base_model_relation == "merge"
+
+
 def test_model_card_from_a_run(run_dir):
     info = run_info_from_dir(run_dir)
     card = model_card({**info, "location": "s3://bucket/darwin-pico"})
