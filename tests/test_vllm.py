@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pico
 import picotok
 import pytest
 import torch
@@ -23,7 +24,7 @@ from darwin.quantize.calibration import Calibration
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "vllm" / "client.py"
 PROMPTS = [[(7 * i + 13 * j) % 300 + 3 for j in range(20)] for i in range(4)]
-# Qwen3.5 in vLLM imports torchvision, which vLLM's CPU venv cannot load (PyPI's is CUDA-linked): the Llama child only
+
 V5 = {"global_ratio": 0.5, "attn_ratio": 0.45, "ffn_ratio": 0.55, "embed_ratio": 0.5, "density_a": 0.9,
       "density_b": 0.9}
 
@@ -144,3 +145,24 @@ def test_vllm_serves_the_child_and_its_releases_as_darwin_verified_them(vllm_pyt
     # (a float16 activation an ulp from an E2M1 rounding boundary rounds either way: the rest of the distance)
     assert figures["mfp4 W4A4"][0] < 0.1 and figures["mfp4 W4A4"][0] < figures["mfp4 W4A4"][1] / 2
     assert all(len(answer["tokens"]) == 8 for answers in served for answer in answers)
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_qwen3_5_child(vllm_python, tmp_path):
+    """Qwen3.5's hybrid (Gated DeltaNet and full attention) in vLLM, where vLLM's Qwen3.5 model can be imported."""
+    probe = subprocess.run([str(vllm_python), "-c", "import torchvision"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("vLLM's Qwen3.5 model imports torchvision, which the CPU venv cannot load (PyPI's torchvision is "
+                    f"CUDA-linked: {probe.stderr.strip().splitlines()[-1][:120]})")
+    torch.manual_seed(0)
+    sizes = {**pico._qwen35_text_kwargs(tie_word_embeddings=False), "hidden_size": 128, "num_attention_heads": 4,
+             "head_dim": 32, "linear_key_head_dim": 32, "linear_value_head_dim": 32}  # vLLM's CPU attention: >= 32
+    config = tf.Qwen3_5TextConfig(**sizes)
+    config.architectures = ["Qwen3_5ForCausalLM"]
+    child = tmp_path / "child"
+    tf.Qwen3_5ForCausalLM(config).to(torch.bfloat16).save_pretrained(child)
+    [answers] = serve(vllm_python, [{"model": str(child), "dtype": "float32", "prompts": PROMPTS, "max_tokens": 8}])
+    model = reference(child)
+    for ids, answer in zip(PROMPTS, answers):
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+        assert answer["tokens"] == expected.tolist()
