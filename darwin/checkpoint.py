@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from darwin import lora
 from darwin.errors import DarwinError
 from darwin.kinds import Family, family_for_config
-from darwin.runtime import CACHE_ROOT, MODEL_LOAD_LOCK
+from darwin.runtime import CACHE_ROOT, load_pretrained
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: `darwin merge` on CPU runs without it
     import torch
@@ -377,13 +377,12 @@ class Checkpoint:
         an adapter parent's model is its base with the adapter merged by peft."""
         from transformers import AutoModelForCausalLM
 
-        with MODEL_LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
-            if self.adapter is None:
-                return model
-            from peft import PeftModel
+        model = load_pretrained(AutoModelForCausalLM, self.path, **kwargs)
+        if self.adapter is None:
+            return model
+        from peft import PeftModel
 
-            return PeftModel.from_pretrained(model, self.adapter.path).merge_and_unload()
+        return PeftModel.from_pretrained(model, self.adapter.path).merge_and_unload()
 
 
 def content_sha256(path: Path) -> str:

@@ -98,17 +98,22 @@ def test_phase2_merges_into_the_text_model_transformers_builds_from_a_release(re
         assert torch.equal(value, child[key].to(value.dtype)), key
 
 
-@pytest.mark.slow
-def test_evolution_on_a_release_and_its_fine_tune(prefect_api, release_pair, pico_family, tmp_path):
+def evolve_pair(father, mother, task, run_dir):
+    """(summary, history) of `darwin evolve` darwin-v6 (probes) on a pair, Phase 2 2 x 3 on a local task."""
     from darwin.config import parse_config
     from flows import evolve
 
     config = parse_config({
-        "father": str(release_pair["release"]), "mother": str(release_pair["text"]), "method": "darwin-v6",
-        "genome": "v6", "blocks": 2, "seed": 1, "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
-        "phase2": {"steps": 2, "popsize": 3, "tasks": [str(pico_family["task"])], "device": "cpu"}})
-    summary = evolve.run_evolution(config, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
-    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+        "father": str(father), "mother": str(mother), "method": "darwin-v6", "genome": "v6", "blocks": 2, "seed": 1,
+        "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
+        "phase2": {"steps": 2, "popsize": 3, "tasks": [str(task)], "device": "cpu"}})
+    summary = evolve.run_evolution(config, run_dir / "run", cache_dir=str(run_dir / "cache"))
+    return summary, pd.read_parquet(run_dir / "run" / "history.parquet")
+
+
+@pytest.mark.slow
+def test_evolution_on_a_release_and_its_fine_tune(prefect_api, release_pair, pico_family, tmp_path):
+    summary, history = evolve_pair(release_pair["release"], release_pair["text"], pico_family["task"], tmp_path)
     assert (history["phase"] == 2).sum() == 6 and not history["failed"].any()
     assert (tmp_path / "run" / "probes" / "father" / "probes.parquet").exists()
     best = Checkpoint(summary["best_dir"])
@@ -149,15 +154,7 @@ def test_a_gemma4_release_merges_with_its_fine_tune(gemma_pair, tmp_path, method
 
 @pytest.mark.slow
 def test_evolution_on_a_gemma4_release_and_its_fine_tune(prefect_api, gemma_pair, pico_family, tmp_path):
-    from darwin.config import parse_config
-    from flows import evolve
-
-    config = parse_config({
-        "father": str(gemma_pair["release"]), "mother": str(gemma_pair["fine_tune"]), "method": "darwin-v6",
-        "genome": "v6", "blocks": 2, "seed": 1, "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1},
-        "phase2": {"steps": 2, "popsize": 3, "tasks": [str(pico_family["task"])], "device": "cpu"}})
-    summary = evolve.run_evolution(config, tmp_path / "run", cache_dir=str(tmp_path / "cache"))
-    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    summary, history = evolve_pair(gemma_pair["release"], gemma_pair["fine_tune"], pico_family["task"], tmp_path)
     assert (history["phase"] == 2).sum() == 6 and not history["failed"].any()
     assert history.query("phase == 2")["fitness"].nunique() > 1  # the genomes differ in what the model computes
     best = Checkpoint(summary["best_dir"])
