@@ -49,8 +49,8 @@ def _generator(name: str, salt: str):
 
 
 def build_llama(out: Path, size: str = "400m", noise_seed: int | None = None, noise_std: float = 0.002,
-                shard_mb: int = 512) -> Path:
-    """A random bf16 Llama checkpoint at `out` (kept if already there).
+                shard_mb: int = 512, dtype: str = "bfloat16") -> Path:
+    """A random Llama checkpoint at `out` in `dtype` (a torch dtype's name; kept if already there).
 
     Every tensor of the base is drawn from a generator keyed by its name, so a "fine-tune" (noise_seed given) is
     the very same base plus N(0, noise_std) noise, built without reading the base back.
@@ -63,14 +63,14 @@ def build_llama(out: Path, size: str = "400m", noise_seed: int | None = None, no
 
     from darwin.checkpoint import CheckpointWriter
 
-    config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"],
+    config = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=False, dtype=dtype, architectures=["LlamaForCausalLM"],
                          **SIZES[size])
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)  # names and shapes only: nothing is allocated or initialised
     out.parent.mkdir(parents=True, exist_ok=True)
     with CheckpointWriter(out, max_shard_bytes=shard_mb << 20) as writer:
         for name, meta in skeleton.state_dict().items():
-            tensor = torch.empty(meta.shape, dtype=torch.bfloat16)
+            tensor = torch.empty(meta.shape, dtype=getattr(torch, dtype))
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             else:

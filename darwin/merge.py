@@ -62,8 +62,9 @@ REPORT_NAME = "merge_report.json"
 DIRECT_CHUNK = 1 << 20
 # Kinds of tensors (darwin/families) that AutoModelForCausalLM builds no parameter for: Phase 2 leaves them out
 UNBUILT_KINDS = ("vision", "mtp")
-# dtypes the kernel reads and writes in place (the value: its bf16 flag); others go through float32 torch chunks
-KERNEL_DTYPES = {"BF16": True, "F32": False}
+# dtypes the kernel reads and writes in place (the value: its dtype code in _kernels.c); parents of different
+# dtypes go through float32 torch chunks
+KERNEL_DTYPES = {"F32": 0, "BF16": 1, "F16": 2}
 
 
 def direct_chunk(numel: int, workers: int) -> int:
@@ -98,22 +99,22 @@ def dare_ties_form(a, b, base, keep_a, keep_b, r, density_a, density_b):
     return base + (torch.where(agree_a, delta_a, 0.0) + torch.where(agree_b, delta_b, 0.0))
 
 
-def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b, bf16):
-    _kernels.darwin_form(out, a, b, start, seed, masks.threshold(density_b), r, bf16)
+def darwin_kernel(out, a, b, base, start, seed, r, density_a, density_b, blend, code):
+    _kernels.darwin_form(out, a, b, start, seed, masks.threshold(density_b), r, blend, 1.0 - blend, code)
 
 
-def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b, bf16):
+def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b, blend, code):
     weight_a, weight_b = task_weights(r)
     _kernels.dare_ties_form(out, a, b, base, start, seed, masks.threshold(density_a), masks.threshold(density_b),
                             weight_a / density_a if density_a > 0 else 0.0,
                             weight_b / density_b if density_b > 0 else 0.0,
-                            density_a > 0, density_b > 0, bf16)
+                            density_a > 0, density_b > 0, r, blend, 1.0 - blend, code)
 
 
 @dataclass(frozen=True)
 class Method:
     form: Callable  # torch, on any device
-    kernel: Callable  # the same form fused with the mask bits, on CPU
+    kernel: Callable  # the same form fused with the mask bits and the V6 blend, on CPU
     needs_base: bool
     genome: str | None  # the genome version the method requires (None: either)
 
@@ -227,15 +228,15 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
     flat_base = base.reshape(-1) if base is not None else None
     out = ring.take(a.size, a.dtype) if ring is not None else np.empty(a.size, dtype=a.dtype)
     fused = device == "cpu" and _kernels is not None
-    # raw bits in and out of the kernel with no torch op per chunk; the V6 blend needs the float32 chunks
-    direct = fused and code in KERNEL_DTYPES and blend == 1.0 and set(codes) == {code}
+    # raw bits in and out of the kernel with no torch op per chunk
+    direct = fused and code in KERNEL_DTYPES and set(codes) == {code}
     workers = cpu_threads()
     chunk = direct_chunk(a.size, workers) if direct else masks.CHUNK if device == "cpu" else masks.CUDA_CHUNK
     if direct:
         def merge_chunk(start: int) -> None:
             stop = min(a.size, start + chunk)
             spec.kernel(*(x[start:stop] if x is not None else None for x in (out, flat_a, flat_b, flat_base)),
-                        start, seed, final, density_a, density_b, KERNEL_DTYPES[code])
+                        start, seed, final, density_a, density_b, blend, KERNEL_DTYPES[code])
     else:
         import torch
 
@@ -251,13 +252,13 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
             if fused:
                 merged = torch.empty_like(ca)
                 spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
-                            start, seed, final, density_a, density_b, False)
+                            start, seed, final, density_a, density_b, blend, KERNEL_DTYPES["F32"])
             else:
                 keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None,
                                                   density_b, device)
                 merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
-            if blend != 1.0:
-                merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
+                if blend != 1.0:
+                    merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
             out_t[start:stop] = merged.to(dtype).cpu()
 
     starts = range(0, a.size, chunk)

@@ -18,7 +18,8 @@
     child_path    str    where the BF16 child sits in the release ("best" in a run, "." for a model)
     quantization  [{"scheme": "mfp4" | "nvfp4a16", "path": str, "quantized": n, "kept": n,
                     "size_before": bytes, "size_after": bytes, "max_abs_error": x, "mean_abs_error": x,
-                    "rel_fro_error": x}]
+                    "rel_fro_error": x, "experts": n quantized expert linears, "per_expert": n of them cut from fused
+                    3-D tensors}]
     location      str    where the release is published (shown in the download line)
     files         [str]  reports shipped with the release (history.parquet, mri/, health/, ...)
 
@@ -41,8 +42,12 @@ SCHEME_SERVE = {
              "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM `--quantization modelopt_fp4`)")),
     "nvfp4a16": ("",
                  ("weight-only round-to-nearest, compressed-tensors `nvfp4-pack-quantized`: linear attention, "
-                 "embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from config.json)")),
+                 "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from "
+                  "config.json)")),
 }
+# routed experts stored fused (3-D) are released per expert: the names vLLM loads quantized experts from
+PER_EXPERT = ("Routed experts stored fused in the child (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are "
+              "released per expert (`mlp.experts.N.gate_proj` / `up_proj` / `down_proj`), each with its own scales.")
 REPORTS = ("summary.json", "history.parquet", "evolution.png", "mri", "probes", "health", "merge_report.json")
 
 
@@ -173,6 +178,8 @@ def _quantization(info: dict) -> str:
              q.get("mean_abs_error"), q.get("rel_fro_error")] for q in info["quantization"]]
     legend = "\n".join(f"- `{scheme}`: {text}" for scheme, (_, text) in SCHEME_SERVE.items()
                        if any(q.get("scheme") == scheme for q in info["quantization"]))
+    if any(q.get("per_expert") for q in info["quantization"]):
+        legend += "\n\n" + PER_EXPERT
     return ("## Quantization\n\nNVFP4: E2M1 values, an FP8 E4M3 scale per 16 weights, an FP32 global scale. "
             "Roundtrip errors are measured on the written files, dequantized, against the BF16 weights.\n\n"
             + _table(["scheme", "path", "tensors quantized", "kept BF16", "size before", "size after",
@@ -186,8 +193,9 @@ def _usage(info: dict) -> str:
         return local if rel in (None, "", ".") else f"{local}/{rel}"
 
     quantized = info.get("quantization") or []
-    # A release of a quantized model alone has no BF16 child to serve.
-    child = inside(info.get("child_path")) if "child_path" in info or not quantized else None
+    # A release of a quantized model alone has no BF16 child to serve: its child_path is the quantization's own.
+    alone = info.get("child_path") in {q.get("path") for q in quantized}
+    child = inside(info.get("child_path")) if ("child_path" in info and not alone) or not quantized else None
     serve = [f"vllm serve {child}   # BF16"] if child else []
     for q in quantized:
         flag = SCHEME_SERVE.get(q.get("scheme"), ("", ""))[0]
@@ -198,7 +206,13 @@ def _usage(info: dict) -> str:
                    f"aws s3 cp --recursive {info['location']} {local}   # or: s3fs / fsspec / cp -r\n```")
     out.append("vLLM (`--quantization modelopt_fp4` for mfp4; compressed-tensors nvfp4a16 loads automatically):\n\n"
                "```bash\n" + "\n".join(serve) + "\n```")
-    loadable = child or next((inside(q.get("path")) for q in quantized if q.get("scheme") == "nvfp4a16"), None)
+    # transformers 5.23 dequantizes NVFP4 experts without their global scale (its CompressedTensorsDequantize
+    # passes weight_packed and weight_scale only) and loads wrong weights without a warning
+    loadable = child or next((inside(q.get("path")) for q in quantized if q.get("scheme") == "nvfp4a16"
+                              and not q.get("experts")), None)
+    if any(q.get("scheme") == "nvfp4a16" and q.get("experts") for q in quantized):
+        out.append("The nvfp4a16 experts are for vLLM: transformers (5.23) loads NVFP4 experts without their global "
+                   "scale, so its expert weights would be wrong.")
     if loadable:
         out.append("transformers (the BF16 child, or nvfp4a16 with compressed-tensors installed):\n\n```python\n"
                    "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -251,7 +265,9 @@ def _roundtrip(report: dict, path: str) -> dict:
     return {"scheme": report.get("scheme"), "path": path, "quantized": overall.get("quantized_tensors"),
             "kept": overall.get("kept_tensors"), "size_before": overall.get("bytes_before"),
             "size_after": overall.get("bytes_after"), "max_abs_error": overall.get("max_abs_error"),
-            "mean_abs_error": overall.get("mean_abs_error"), "rel_fro_error": overall.get("relative_frobenius")}
+            "mean_abs_error": overall.get("mean_abs_error"), "rel_fro_error": overall.get("relative_frobenius"),
+            "experts": sum(row.get("kind") == "expert" for row in report.get("tensors") or []),
+            "per_expert": sum("slice_of" in row for row in report.get("tensors") or [])}
 
 
 def _inside(path: Path, release: Path) -> str | None:

@@ -70,6 +70,15 @@ def qwen35_moe_text_config():
     )
 
 
+def qwen35_moe_config():
+    """The MoE release's layout: a vision tower and a language model with fused routed experts."""
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = _qwen35_text_kwargs(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=32)
+    return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
 def gemma4_text_config():
     """An E-series text model: per-layer inputs, and the last two layers reuse the k/v of earlier ones. Gemma 4's
     full-attention layers have a head size of their own (global_head_dim), given so that a saved config holds it."""
@@ -94,6 +103,7 @@ BUILDERS = {
     "qwen3_5_text": (qwen35_text_config, tf.Qwen3_5ForCausalLM),
     "qwen3_5": (qwen35_config, tf.Qwen3_5ForConditionalGeneration),
     "qwen3_5_moe_text": (qwen35_moe_text_config, tf.Qwen3_5MoeForCausalLM),
+    "qwen3_5_moe": (qwen35_moe_config, tf.Qwen3_5MoeForConditionalGeneration),
     "gemma4_text": (gemma4_text_config, tf.Gemma4ForCausalLM),
     "gemma4_moe_text": (gemma4_moe_text_config, tf.Gemma4ForCausalLM),
 }
@@ -125,8 +135,9 @@ def add_tensors(path: Path, tensors: dict, shard: str = "extra.safetensors") -> 
     index_path.write_text(json.dumps(index, indent=2))
 
 
-def mtp_tensors(hidden: int = 64, seed: int = 0, dtype=torch.bfloat16) -> dict:
-    """The multi-token-prediction head of the real Qwen3.5 checkpoints, at pico size."""
+def mtp_tensors(hidden: int = 64, seed: int = 0, dtype=torch.bfloat16, experts: int = 0) -> dict:
+    """The multi-token-prediction head of the real Qwen3.5 checkpoints, at pico size; with `experts`, the MoE
+    releases' MTP layer, whose routed experts are stored per expert (32 wide, as the pico MoE's)."""
     g = torch.Generator().manual_seed(seed)
     shapes = {
         "mtp.fc.weight": (hidden, 2 * hidden),
@@ -137,6 +148,12 @@ def mtp_tensors(hidden: int = 64, seed: int = 0, dtype=torch.bfloat16) -> dict:
         "mtp.layers.0.mlp.down_proj.weight": (hidden, 2 * hidden),
         "mtp.layers.0.input_layernorm.weight": (hidden,),
     }
+    if experts:
+        del shapes["mtp.layers.0.mlp.down_proj.weight"]
+        shapes["mtp.layers.0.mlp.gate.weight"] = (experts, hidden)
+        for e in range(experts):
+            for part, shape in (("gate_proj", (32, hidden)), ("up_proj", (32, hidden)), ("down_proj", (hidden, 32))):
+                shapes[f"mtp.layers.0.mlp.experts.{e}.{part}.weight"] = shape
     return {name: (torch.randn(shape, generator=g) * 0.02).to(dtype) for name, shape in shapes.items()}
 
 
@@ -152,6 +169,17 @@ def official_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
     tensors = {name: tensor.to(torch.float32 if FLOAT32_IN_RELEASES.search(name) else torch.bfloat16).contiguous()
                for name, tensor in model.state_dict().items()}
     tensors.update(mtp_tensors(seed=seed))
+    return write_release(path, tensors, model.config, shards)
+
+
+def moe_release(path: Path, seed: int = 0, shards: int = 3) -> Path:
+    """A Qwen3.5-MoE vision-language release as the hub stores it (Qwen3.5-35B-A3B's layout): `official_release`'s
+    layout with the routed experts fused, 3-D and without `.weight` (`mlp.experts.gate_up_proj` [E, 2I, H],
+    `mlp.experts.down_proj` [E, H, I]), and the MTP layer's experts per expert."""
+    model = build("qwen3_5_moe", seed=seed, dtype=torch.float32)
+    tensors = {name: tensor.to(torch.float32 if FLOAT32_IN_RELEASES.search(name) else torch.bfloat16).contiguous()
+               for name, tensor in model.state_dict().items()}
+    tensors.update(mtp_tensors(seed=seed, experts=model.config.text_config.num_experts))
     return write_release(path, tensors, model.config, shards)
 
 

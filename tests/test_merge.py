@@ -10,13 +10,17 @@ from safetensors import safe_open
 
 import darwin.merge as engine
 from darwin import masks
-from darwin.checkpoint import Checkpoint
+from darwin.checkpoint import Checkpoint, to_raw, to_torch, torch_dtype
 from darwin.errors import DarwinError
 from darwin.genome import Genome
 from darwin.merge import merge_into_model, merge_to_dir, plan_merge
 from flows.cli import main
 
 V5 = dict(global_ratio=0.5, attn_ratio=0.3, ffn_ratio=0.7, embed_ratio=0.5, density_a=0.8, density_b=0.6)
+
+
+def v5(**overrides):
+    return Genome.from_dict(dict(V5, **overrides))
 
 
 def v6(**overrides):
@@ -354,30 +358,73 @@ def test_a_dead_experts_slice_of_a_fused_tensor_is_the_live_parents(pico_checkpo
     assert np.array_equal(Checkpoint(father.path).read_array(fused), a)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # in place / in place / chunks
-@pytest.mark.parametrize("method", ["darwin-v6", "dare-ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, "mixed"])
+@pytest.mark.parametrize(("method", "blend"), [("darwin-v5", 1.0), ("darwin-v6", 1.0), ("darwin-v6", 0.7),
+                                               ("dare-ties", 1.0), ("dare-ties", 0.7)])  # a v5 genome has no blend
 @pytest.mark.parametrize("densities", [(0.8, 0.6), (0.0, 1.0), (1.0, 0.0)])
-@pytest.mark.parametrize("blend", [1.0, 0.7])  # 1.0: straight through the kernel where the dtype allows; 0.7: chunks
 def test_fused_cpu_kernel_gives_the_torch_path_bytes(pico_checkpoint, dtype, method, densities, blend, monkeypatch):
-    """CUDA runs the torch forms; CPU runs the C kernel: both must write the same bytes."""
+    """CUDA runs the torch forms; CPU runs the C kernel: both must write the same bytes. Parents of one dtype go
+    straight through the kernel in their own dtype (no torch conversion at all), with the V6 blend too; parents of
+    different dtypes (a bf16 father, a float16 mother and a float32 base) through float32 chunks."""
 
     if engine._kernels is None:
         pytest.skip("the C kernel was not built (no compiler): only the torch path exists")
-    parents = {role: Checkpoint(pico_checkpoint("qwen3_5_text", perturb=perturb, dtype=dtype))
+    dtypes = {"base": torch.float32, "father": torch.bfloat16, "mother": torch.float16} if dtype == "mixed" else {}
+    parents = {role: Checkpoint(pico_checkpoint("qwen3_5_text", perturb=perturb, dtype=dtypes.get(role, dtype)))
                for role, perturb in (("base", None), ("father", 1), ("mother", 2))}
-    genome = v6(density_a=densities[0], density_b=densities[1], merge_method_weight=blend)
+    genes = {"density_a": densities[0], "density_b": densities[1]}
+    genome = v5(**genes) if method == "darwin-v5" else v6(**genes, merge_method_weight=blend)
     plan = plan_merge(parents["father"], parents["mother"], genome, method, base=parents["base"])
     name = "model.layers.2.mlp.gate_proj.weight"
     a, b, c = (parents[role].read_array(name) for role in ("father", "mother", "base"))
     tp = next(t for t in plan.tensors if t.name == name)
     monkeypatch.setattr(masks, "CHUNK", 1000)  # several chunks, in parallel threads
     monkeypatch.setattr(engine, "DIRECT_CHUNK", 1000)
-    fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
+    if dtype != "mixed":
+        with monkeypatch.context() as direct:
+            direct.setattr(engine, "to_torch", None)  # any torch conversion fails
+            fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
+    else:
+        fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     monkeypatch.setattr(engine, "_kernels", None)
     reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
-    assert np.array_equal(fused, reference)
+    assert fused.dtype == a.dtype and np.array_equal(fused, reference)
     if densities == (0.8, 0.6):  # both parents contribute: the comparison is not between two copies of the father
         assert not np.array_equal(fused, a) and not np.array_equal(fused, b)
+
+
+@pytest.mark.skipif(engine._kernels is None, reason="the C kernel is not built")
+@pytest.mark.parametrize("code", ["F16", "BF16"])
+def test_kernel_rounds_extreme_values_as_torch(code):
+    """Parents with subnormal, huge, infinite and NaN values: the kernel's bits equal torch's forms stored by torch
+    (dare-ties' rescale by 1/density overflows the largest values to inf, inf - inf is NaN), and a NaN is a NaN
+    (its bits are not torch's either: its bf16 conversion stores 0xFFFF in vector lanes, 0x7FC0 in the tail)."""
+    dtype = torch_dtype(code)
+    g = torch.Generator().manual_seed(0)
+    scales = (1e-7, 1e-5, 1e-2, 1.0, 3e3, 6e4) if code == "F16" else (1e-40, 1e-20, 1.0, 1e20, 3e38)
+    def parent():
+        values = torch.cat([torch.randn(20_000, generator=g) * s for s in scales])
+        values[::997] = float("inf")
+        values[::1009] = -float("inf")
+        values[::1013] = float("nan")
+        return values.to(dtype)
+    a, b, c = parent(), parent(), parent()
+    start, seed, r, density_a, density_b = 12_345, 99, 0.37, 0.3, 0.6
+    keep_a, keep_b = masks.keep_masks(seed, start, start + a.numel(), density_a, density_b, "cpu")
+    fa, fb, fc = a.float(), b.float(), c.float()
+    for method, blend in (("darwin-v6", 1.0), ("darwin-v6", 0.7), ("dare-ties", 1.0), ("dare-ties", 0.7)):
+        spec = engine.METHODS[method]
+        form = spec.form(fa, fb, fc, keep_a, keep_b, r, density_a, density_b)
+        if blend != 1.0:
+            form = form * blend + (fa + (fb - fa) * r) * (1.0 - blend)
+        expected = to_raw(form.to(dtype)).view(np.uint16)
+        out = np.empty_like(expected)
+        spec.kernel(out, *(to_raw(x).view(np.uint16) for x in (a, b, c)), start, seed, r, density_a, density_b, blend,
+                    engine.KERNEL_DTYPES[code])
+        nan = np.isnan(form.numpy())
+        assert np.isinf(form).any() and nan.any()
+        assert np.array_equal(np.isnan(to_torch(out, code).float().numpy()), nan), (method, blend)
+        assert np.array_equal(out[~nan], expected[~nan]), (method, blend)
 
 
 def test_dare_ties_spans_father_task_arithmetic_and_mother(parents, tmp_path):

@@ -250,6 +250,22 @@ def test_model_card_from_a_run(run_dir):
     assert "--quantization modelopt_fp4   # mfp4" not in body  # no mfp4 in this run
 
 
+def test_model_card_of_per_expert_nvfp4_experts_points_to_vllm_only(run_dir):
+    """A release whose fused experts were cut per expert says so; its nvfp4a16 experts are not offered to
+    transformers, which loads NVFP4 experts without their global scale."""
+    plain = model_card(run_info_from_dir(run_dir))
+    assert "released per expert" not in plain and "The nvfp4a16 experts are for vLLM" not in plain
+    quantized = run_dir / "quantized" / "nvfp4a16"
+    roundtrip = json.loads((quantized / "roundtrip.json").read_text())
+    roundtrip["tensors"].append({"name": "model.layers.0.mlp.experts.0.gate_proj.weight", "kind": "expert",
+                                 "slice_of": "model.layers.0.mlp.experts.gate_up_proj[0, 0:32]"})
+    (quantized / "roundtrip.json").write_text(json.dumps(roundtrip))
+    body = model_card(run_info_from_dir(quantized))
+    assert "released per expert (`mlp.experts.N.gate_proj`" in body
+    assert "The nvfp4a16 experts are for vLLM" in body and "from_pretrained" not in body
+    assert "vllm serve ./nvfp4a16   # nvfp4a16" in body and "# BF16" not in body  # the quantization alone
+
+
 def test_a_quantized_model_published_alone_is_a_quantization(run_dir):
     quantized = run_dir / "quantized" / "nvfp4a16"
     (quantized / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"],

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import shutil
 
+import pico
 import picotok
 import pytest
 import torch
@@ -46,13 +47,17 @@ def read_all(path):
 
 @pytest.fixture(scope="module")
 def source(pico_checkpoint, tmp_path_factory):
-    """The pico checkpoints with a tokenizer beside them (mfp4 calibrates on text)."""
+    """The pico checkpoints with a tokenizer beside them (mfp4 calibrates on text); "qwen3_5_moe" is the MoE
+    release as the hub stores it (fused routed experts, per-expert MTP experts, float32 A_log and norms)."""
     built = {}
 
     def make(family):
         if family not in built:
             path = tmp_path_factory.mktemp(f"src-{family}") / family
-            shutil.copytree(pico_checkpoint(family), path)
+            if family == "qwen3_5_moe":
+                pico.moe_release(path)
+            else:
+                shutil.copytree(pico_checkpoint(family), path)
             built[family] = picotok.save_beside(path)
         return built[family]
 
@@ -166,7 +171,7 @@ def test_only_the_schemes_linears_are_quantized_and_the_rest_is_bit_identical(fa
     assert sorted(report["kept"]) == sorted(kept) and report["kept_identical"] and not report["missing"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5_moe"])
 def test_mfp4_config_excludes_exactly_the_bf16_modules(family, source, quantized):
     out = quantized(family, "mfp4")
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
@@ -185,7 +190,64 @@ def test_mfp4_config_excludes_exactly_the_bf16_modules(family, source, quantized
     assert not [m for m in quantized_modules if excluded(m)]
     # a kept matrix that no pattern names would be read by vLLM as NVFP4: every one is named
     assert not [m for m in kept_modules if not excluded(m) and "embed" not in m]
-    assert any(m.startswith("mtp.") for m in kept_modules) == (family == "qwen3_5")
+    assert any(m.startswith("mtp.") for m in kept_modules) == (family in ("qwen3_5", "qwen3_5_moe"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_experts_are_released_per_expert_with_scales_of_their_own(scheme, source, quantized):
+    """The MoE release's fused experts come out per expert, `mlp.experts.{e}.gate_proj|up_proj|down_proj`: the
+    names vLLM's MoE loader reads quantized experts from (ModelOpt's own export of fused experts). Each part decodes
+    back to its slice of the fused tensor (gate: rows [0, I) of gate_up_proj[e], up: [I, 2I)) within the dense
+    release's bound; each expert has its own per-tensor scale, shared by its gate and up (vLLM applies the gate's
+    to both); routers, the shared expert's gate, vision and the per-expert MTP experts stay as they were, float32
+    A_log and norms included."""
+    ckpt = Checkpoint(source("qwen3_5_moe"))
+    src, out = read_all(ckpt.path), read_all(quantized("qwen3_5_moe", scheme))
+    packed_name, scale_name, divide = FORMAT[scheme]
+    fused = [n for n in src if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert len(fused) == 8 and not [n for n in out if n in fused]
+    for name in fused:
+        prefix, part = name.rsplit(".", 1)
+        experts, rows = src[name].shape[0], src[name].shape[1]
+        parts = {"down_proj": slice(0, rows)} if part == "down_proj" else {
+            "gate_proj": slice(0, rows // 2), "up_proj": slice(rows // 2, rows)}
+        scales = []
+        for e in range(experts):
+            for linear, rows_of in parts.items():
+                module = f"{prefix}.{e}.{linear}"
+                decoded = decode(out[f"{module}.{packed_name}"], out[f"{module}.weight_scale"],
+                                 out[f"{module}.{scale_name}"], divide)
+                original = src[name][e, rows_of].float()
+                assert decoded.shape == original.shape
+                assert float((decoded - original).norm() / original.norm()) < 0.15, module
+            # the expert's own scale, from the largest magnitude of its slice (gate and up together)
+            scale = out[f"{prefix}.{e}.{next(iter(parts))}.{scale_name}"]
+            amax = src[name][e].float().abs().max()
+            assert float(scale) == pytest.approx(float(6 * 448 / amax if divide else amax / (6 * 448)), rel=1e-5)
+            if part == "gate_up_proj":
+                assert torch.equal(out[f"{prefix}.{e}.gate_proj.{scale_name}"], out[f"{prefix}.{e}.up_proj.{scale_name}"])
+            scales.append(float(scale))
+        assert len(set(scales)) > 1, name  # per expert, not one for the tensor
+    kept = [n for n in src if n in out and n.removesuffix(".weight") + ".weight_scale" not in out]
+    for must in ("mtp.layers.0.mlp.experts.0.gate_proj.weight", "model.language_model.layers.0.mlp.gate.weight",
+                 "model.language_model.layers.0.mlp.shared_expert_gate.weight",
+                 "model.language_model.layers.0.linear_attn.A_log"):
+        assert must in kept, must
+    assert any(n.startswith("model.visual.") for n in kept)
+    assert src["model.language_model.layers.0.linear_attn.A_log"].dtype == torch.float32
+    for name in kept:
+        assert out[name].dtype == src[name].dtype and torch.equal(out[name].view(torch.uint8),
+                                                                  src[name].view(torch.uint8)), name
+    report = json.loads((quantized("qwen3_5_moe", scheme) / "roundtrip.json").read_text())
+    rows = {row["name"]: row for row in report["tensors"]}
+    assert rows["model.language_model.layers.1.mlp.experts.3.up_proj.weight"]["slice_of"] == \
+        "model.language_model.layers.1.mlp.experts.gate_up_proj[3, 32:64]"
+    assert report["kept_identical"] and not report["missing"]
+    if scheme == "nvfp4a16":  # no ignore entry names a routed expert: vLLM quantizes all of them
+        ignore = json.loads((quantized("qwen3_5_moe", scheme) / "config.json").read_text())["quantization_config"][
+            "ignore"]
+        assert not [p for p in ignore if ".experts." in p and "mtp" not in p]
+        assert any("mtp" in p and "experts" in p for p in ignore)
 
 
 def test_mfp4_fake_quant_model_runs_on_cpu_and_matches_the_export(source, quantized):

@@ -3,7 +3,8 @@
 Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
 routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
 exclusions for everything the card keeps BF16, max calibration (darwin.quantize.calibration), then `export_hf_checkpoint`.
-The export is the layout vLLM loads with `--quantization modelopt_fp4`: per quantized linear `weight` (uint8, two
+The export is the layout vLLM loads with `--quantization modelopt_fp4` (routed experts stored fused come out per
+expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`): per quantized linear `weight` (uint8, two
 E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and
 `input_scale` (float32); `hf_quant_config.json` and config.json `quantization_config` name the excluded modules.
 Scale convention: w = e2m1 * weight_scale * weight_scale_2, with weight_scale_2 = amax(|w|) / (6 * 448).
@@ -27,6 +28,7 @@ from darwin.errors import DarwinError
 from darwin.progress import Progress
 from darwin.quantize import check_source
 from darwin.quantize.calibration import Calibration
+from darwin.quantize.roundtrip import expert_parts
 from darwin.runtime import load_pretrained, pick_device
 
 BACKEND = "darwin_nvfp4_torch"
@@ -137,11 +139,13 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
 
 
 def _finish(ckpt: Checkpoint, staging: Path, out: Path) -> Path:
-    """Check that every source tensor is in the export (as itself or its packed NVFP4 form) and move it into
-    place atomically, the tensors left unquantized as the source holds them, with the source's tokenizer and
-    processor files beside ModelOpt's config."""
+    """Check that every source tensor is in the export (as itself, its packed NVFP4 form, or, for fused experts,
+    ModelOpt's per-expert parts: `roundtrip.expert_parts`) and move it into place atomically, the tensors left
+    unquantized as the source holds them, with the source's tokenizer and processor files beside ModelOpt's
+    config."""
     exported = Checkpoint(staging)
-    missing = [name for name in ckpt.tensors if name not in exported.tensors]
+    missing = [name for name, info in ckpt.tensors.items() if name not in exported.tensors and not (
+        (parts := expert_parts(name, info.shape)) and all(f"{m}.weight" in exported.tensors for m in parts))]
     if missing:
         raise DarwinError(f"ModelOpt's export lost {len(missing)} tensors of {ckpt.path}: {', '.join(missing[:5])}")
     with CheckpointWriter(out, max_shard_bytes=4 << 30) as writer:

@@ -4,7 +4,9 @@ No calibration and no forward pass: the checkpoint is streamed tensor by tensor.
 linears are quantized; linear attention, routers, embeddings, lm_head, norms, vision and MTP stay BF16, as on the
 Qwen3.5-9B-heretic-NVFP4A16 card. Linears vLLM fuses into one kernel (q/k/v; gate/up, each expert's too) share one
 global scale, from the largest magnitude of all their parts, as llm-compressor writes them: vLLM applies one scale
-to the fused kernel, and parts with scales of their own would be decoded with another's. compressed-tensors does the
+to the fused kernel, and parts with scales of their own would be decoded with another's. Routed experts stored
+fused (3-D) are quantized expert by expert, each with its own scales, and written per expert (`roundtrip.expert_parts`:
+the layout vLLM's compressed-tensors MoE loader reads). compressed-tensors does the
 numerics (global scale, FP8 block scales, E2M1 rounding and packing) and names the tensors: `weight_packed` (uint8,
 two E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_global_scale`
 (float32). Scale convention: w = e2m1 * weight_scale / weight_global_scale, with weight_global_scale =
@@ -29,7 +31,7 @@ from compressed_tensors.quantization.utils import calculate_qparams, generate_gp
 from darwin.checkpoint import Checkpoint, CheckpointWriter, TensorInfo, copy_side_files
 from darwin.progress import Progress
 from darwin.quantize import check_source
-from darwin.quantize.roundtrip import fused_group
+from darwin.quantize.roundtrip import expert_parts, fused_group
 
 QUANTIZED_KINDS = ("attn", "mlp", "expert", "shared_expert")
 SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4A16)
@@ -40,6 +42,21 @@ def is_quantized(ckpt: Checkpoint, info: TensorInfo) -> bool:
     """A linear weight of attention or MLP whose input width splits into whole 16-element blocks."""
     return (ckpt.kind(info.name)[0] in QUANTIZED_KINDS and info.name.endswith(".weight") and len(info.shape) == 2
             and info.shape[1] % GROUP == 0)
+
+
+def split_experts(ckpt: Checkpoint, info: TensorInfo) -> dict[str, tuple[int, slice]]:
+    """The per-expert parts of a fused expert tensor it quantizes ({} for any other tensor)."""
+    if ckpt.kind(info.name)[0] != "expert" or info.shape[-1] % GROUP:
+        return {}
+    return expert_parts(info.name, info.shape)
+
+
+def quantized_parts(ckpt: Checkpoint, info: TensorInfo, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{linear module: its [out, in] weight} this scheme quantizes from one checkpoint tensor: the tensor itself, an
+    expert's part of a fused one, or nothing."""
+    if is_quantized(ckpt, info):
+        return {info.name.removesuffix(".weight"): tensor}
+    return {module: tensor[expert, rows] for module, (expert, rows) in split_experts(ckpt, info).items()}
 
 
 def compress_weight(weight: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -82,20 +99,21 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike, progress
     # fused group -> the largest magnitude of its parts, in a first pass over the parts of fused groups only
     amax: dict[str, torch.Tensor] = {}
     for name, info in ckpt.tensors.items():
-        module = name.removesuffix(".weight")
-        if is_quantized(ckpt, info) and fused_group(module) != module:
-            group = fused_group(module)
-            amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), ckpt.read(name).float().abs().max())
+        if is_quantized(ckpt, info) or split_experts(ckpt, info):
+            for module, weight in quantized_parts(ckpt, info, ckpt.read(name)).items():
+                group = fused_group(module)
+                if group != module:
+                    amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), weight.float().abs().max())
     with CheckpointWriter(out) as writer:
         for done, (name, info) in enumerate(ckpt.tensors.items(), 1):
             if progress is not None:
                 progress(done, len(ckpt.tensors))
             tensor = ckpt.read(name)
-            if is_quantized(ckpt, info):
-                module = name.removesuffix(".weight")
-                for param, value in compress_weight(tensor, amax.get(fused_group(module))).items():
+            parts = quantized_parts(ckpt, info, tensor)
+            for module, weight in parts.items():
+                for param, value in compress_weight(weight, amax.get(fused_group(module))).items():
                     writer.add(f"{module}.{param}", value)
-            else:
+            if not parts:
                 writer.add(name, tensor)
                 if name.endswith(".weight") and len(info.shape) >= 2:
                     ignore.append(ignore_pattern(name.removesuffix(".weight")))

@@ -7,9 +7,15 @@ per 16 inputs) and differ only in names and in the direction of the FP32 per-ten
   w = e2m1 * weight_scale * weight_scale_2.
 - nvfp4a16 (compressed-tensors nvfp4-pack-quantized): `weight_packed`, `weight_scale`, `weight_global_scale`;
   w = e2m1 * weight_scale / weight_global_scale.
-Each tensor is decoded with the per-tensor scale vLLM uses: linears vLLM fuses into one kernel (q/k/v; gate/up,
-each expert's too) get ONE scale there, the largest of the parts' (`FUSED`), so a file whose parts disagree decodes
-worse in vLLM than part by part, and this report shows it.
+Each tensor is decoded with the per-tensor scale vLLM uses: linears vLLM fuses into one kernel (q/k/v; gate/up)
+get ONE scale there, the largest of the parts' (`FUSED`), and an expert's gate/up the gate's (vLLM's NVFP4 MoE
+methods take column 0 of w13's scales), so a file whose parts disagree decodes worse in vLLM than part by part, and
+this report shows it.
+
+Routed experts stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]: Qwen3.5-MoE,
+Gemma 4) are released per expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj` (`expert_parts`): the names
+vLLM's expert mapping reads quantized parameters from (a fused quantized tensor has no name it loads), and what
+ModelOpt's export and llm-compressor write.
 """
 
 from __future__ import annotations
@@ -31,12 +37,49 @@ BLOCK = 16
 FUSED = re.compile(r"^(?P<prefix>.*\.)(?:(?P<qkv>q_proj|k_proj|v_proj)|(?P<gate_up>gate_proj|up_proj))$")
 
 
+# routed experts stored fused, 3-D without `.weight` (transformers' gate_up_proj holds gate, then up, along dim 1)
+FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<part>gate_up_proj|down_proj)$")
+EXPERT_PART = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")
+
+
 def fused_group(module: str) -> str:
     """The fused kernel a linear module is part of in vLLM (the module itself when vLLM fuses it with nothing)."""
     match = FUSED.match(module)
     if match is None:
         return module
     return match["prefix"] + ("qkv_proj" if match["qkv"] else "gate_up_proj")
+
+
+def expert_parts(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, slice]]:
+    """{per-expert module: (expert, rows of its slice)} of a fused 3-D expert tensor, {} for any other tensor."""
+    match = FUSED_EXPERTS.match(name)
+    if match is None or len(shape) != 3:
+        return {}
+    prefix, experts, rows = match["prefix"], shape[0], shape[1]
+    if match["part"] == "down_proj":
+        return {f"{prefix}.{e}.down_proj": (e, slice(0, rows)) for e in range(experts)}
+    half = rows // 2
+    return {f"{prefix}.{e}.{part}": (e, rows_of) for e in range(experts)
+            for part, rows_of in (("gate_proj", slice(0, half)), ("up_proj", slice(half, rows)))}
+
+
+def fused_sources(source: Checkpoint) -> dict[str, tuple[str, int, slice]]:
+    """{per-expert module: (fused source tensor, expert, rows)} of every fused expert tensor of `source`."""
+    return {module: (name, expert, rows) for name, info in source.tensors.items()
+            for module, (expert, rows) in expert_parts(name, info.shape).items()}
+
+
+def served_scales(modules: list[str], scale_of) -> dict[str, torch.Tensor]:
+    """fused group -> the per-tensor scale vLLM applies to every part of it (`scale_of(module)`: the part's own)."""
+    served: dict[str, torch.Tensor] = {}
+    for module in modules:
+        scale, group = scale_of(module), fused_group(module)
+        if EXPERT_PART.search(module):
+            if module.endswith(".gate_proj") or group not in served:
+                served[group] = scale  # the gate's, whatever the up's is
+        else:
+            served[group] = torch.maximum(served.get(group, scale), scale)
+    return served
 
 
 @dataclass(frozen=True)
@@ -79,22 +122,30 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
     modules = [name.removesuffix("." + layout.packed) for name, info in quantized.tensors.items()
                if name.endswith("." + layout.packed) and info.dtype == "U8"
                and f"{name.removesuffix('.' + layout.packed)}.{layout.global_scale}" in quantized.tensors]
-    served_scale: dict[str, torch.Tensor] = {}  # fused group -> the per-tensor scale vLLM applies to all its parts
-    for module in modules:
-        scale = quantized.read(f"{module}.{layout.global_scale}").float().max()
-        group = fused_group(module)
-        served_scale[group] = torch.maximum(served_scale.get(group, scale), scale)
-    rows, consumed = [], set()
+    served_scale = served_scales(modules, lambda module: quantized.read(f"{module}.{layout.global_scale}").float()
+                                  .max())
+    fused = fused_sources(source)
+    rows, consumed, sliced = [], set(), set()
     err_sq = ref_sq = abs_sum = 0.0
     max_abs, numel = 0.0, 0
     for module in modules:
         source_name = f"{module}.weight"
-        if source_name not in source.tensors:
+        slice_of = None
+        if source_name in source.tensors:
+            original = source.read(source_name).float()
+            bytes_before = source.tensors[source_name].nbytes
+        elif module in fused:  # one expert's part of a fused tensor
+            fused_name, expert, part_rows = fused[module]
+            whole = source.read(fused_name)
+            original = whole[expert, part_rows].float()
+            bytes_before = original.numel() * whole.element_size()
+            sliced.add(fused_name)
+            slice_of = f"{fused_name}[{expert}, {part_rows.start}:{part_rows.stop}]"
+        else:
             raise DarwinError(f"{quantized.path} holds quantized {module} but {source.path} has no {source_name}")
         names = [f"{module}.{p}" for p in (layout.packed, layout.global_scale, *layout.side)]
         names = [n for n in names if n in quantized.tensors]
         consumed.update(names)
-        original = source.read(source_name).float()
         decoded = decode_nvfp4(quantized.read(f"{module}.{layout.packed}"), quantized.read(f"{module}.weight_scale"),
                                served_scale[fused_group(module)], layout.global_is_divisor, tuple(original.shape))
         error = (decoded - original).abs()
@@ -103,8 +154,9 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
             "name": source_name, "kind": source.kind(source_name)[0], "shape": list(original.shape),
             "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
             "relative_frobenius": math.sqrt(e2 / r2) if r2 else 0.0,
-            "bytes_before": source.tensors[source_name].nbytes,
+            "bytes_before": bytes_before,
             "bytes_after": sum(quantized.tensors[n].nbytes for n in names),
+            **({"slice_of": slice_of} if slice_of else {}),
         })
         err_sq, ref_sq, abs_sum = err_sq + e2, ref_sq + r2, abs_sum + float(error.sum())
         max_abs, numel = max(max_abs, float(error.max())), numel + original.numel()
@@ -119,7 +171,7 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
         a, b = source.read(name), quantized.read(name)
         if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
             changed.append(name)
-    quantized_sources = {row["name"] for row in rows}
+    quantized_sources = {row["name"] for row in rows} | sliced
     missing = [n for n in source.tensors if n not in quantized.tensors and n not in quantized_sources]
     report = {
         "scheme": scheme,
