@@ -37,9 +37,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from darwin import masks, prescribe
-from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, TensorInfo, check_compatible, to_raw, \
-    to_torch, torch_dtype
+from darwin.checkpoint import (
+    FLOAT_DTYPES,
+    Checkpoint,
+    CheckpointWriter,
+    TensorInfo,
+    check_compatible,
+    to_raw,
+    to_torch,
+    torch_dtype,
+)
 from darwin.errors import DarwinError
+from darwin.experts import InLayoutOf, expert_slices, in_layout_of
 from darwin.genome import Genome
 from darwin.mri import PROFILE_HINT, array_stats, tensor_stats
 from darwin.placement import place_in_model
@@ -161,8 +170,8 @@ class MergePlan:
     method: str
     genome: Genome
     father: Checkpoint
-    mother: Checkpoint
-    base: Checkpoint | None
+    mother: Checkpoint | InLayoutOf
+    base: Checkpoint | InLayoutOf | None
     tensors: list[TensorPlan]
     mri_a: dict[str, dict] = field(default_factory=dict)
     mri_b: dict[str, dict] = field(default_factory=dict)
@@ -183,8 +192,9 @@ def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: s
                signals_a: ParentSignals | None = None, signals_b: ParentSignals | None = None,
                strict: bool = False) -> MergePlan:
     """Check the inputs and fix each tensor's kind, block and genome ratio, and which tensors one parent alone holds
-    (carried from it: the child keeps every tensor of both); nothing is read or written yet. `strict` refuses any
-    difference between the parents (`check_compatible`)."""
+    (carried from it: the child keeps every tensor of both); nothing is read or written yet. The mother's and the
+    base's routed experts are read in the father's layout where theirs differs (`experts.in_layout_of`). `strict`
+    refuses any difference between the parents (`check_compatible`)."""
     spec = METHODS.get(method)
     if spec is None:
         raise DarwinError(f"unknown merge method {method!r} (choose from {', '.join(METHODS)})")
@@ -192,6 +202,8 @@ def plan_merge(father: Checkpoint, mother: Checkpoint, genome: Genome, method: s
         raise DarwinError(f"method {method} needs a {spec.genome} genome, got a {genome.version} genome")
     if spec.needs_base and base is None:
         raise DarwinError(f"method {method} needs the shared base model (--base)")
+    if not strict:  # experts fused in one and per expert in the other merge expert by expert, in his layout
+        mother, base = in_layout_of(mother, father), in_layout_of(base, father)
     check_compatible(father, mother, base, strict)
     layers = father.num_layers
     tensors = []
@@ -294,7 +306,7 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, 
                                                          plan.signals_a, plan.signals_b)
     final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
     donors = prescribe.dead_expert_donors(tp.name, a.shape, tp.block, plan.signals_a, plan.signals_b)
-    whole = donors if len(prescribe.expert_slices(tp.name, a.shape)) == 1 else {}  # a per-expert tensor
+    whole = donors if len(expert_slices(tp.name, a.shape)) == 1 else {}  # a per-expert tensor
     chosen = next(iter(whole.values()), None) or prescribe.transplant(final, plan.genome.version)
     row.update(mri_ratio=ratio, final_ratio=final, transplant=chosen)
     if probe_a is not None:
@@ -361,6 +373,9 @@ def report(plan: MergePlan, rows: dict[str, dict], seconds: float | None = None)
         "genome_hash": plan.genome.hash,
         "parents": {"father": plan.father.source, "mother": plan.mother.source,
                     "base": plan.base.source if plan.base is not None else None},
+        # parents whose routed experts were read in the father's layout (fused <-> per expert)
+        "experts_relaid": [role for role, parent in (("mother", plan.mother), ("base", plan.base))
+                           if isinstance(parent, InLayoutOf)],
         "mri_trust": plan.genome.mri_trust(),
         "merge_method_weight": plan.genome.merge_method_weight(),
         "seconds": seconds,

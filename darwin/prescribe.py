@@ -11,17 +11,15 @@ expert's slice of a fused one (the rest of it merged).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from darwin.experts import expert_slices
 from darwin.mri import static_score
 
 THRESHOLDS = {"v5": (0.05, 0.95), "v6": (0.15, 0.85)}
 # Part of every fitness cache key: bump when a change to the prescription, the static scores or a merge form
 # changes what a genome merges to.
 RULES_VERSION = 1
-EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
-FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -64,18 +62,6 @@ def transplant(final: float, version: str) -> str | None:
     if final > high:
         return "mother"
     return None
-
-
-def expert_slices(name: str, shape: tuple[int, ...]) -> list[int]:
-    """The experts a tensor holds, one slice each: `[e]` for a per-expert tensor (`experts.e.*`), every index of
-    dim 0 for a fused one (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], as Qwen3.5-MoE and
-    Gemma 4 store them), none otherwise."""
-    match = EXPERT_INDEX.search(name)
-    if match is not None:
-        return [int(match.group(1))]
-    if FUSED_EXPERTS.search(name) and len(shape) == 3:
-        return list(range(shape[0]))
-    return []
 
 
 def dead_expert_donors(name: str, shape: tuple[int, ...], block: int | None, signals_a: ParentSignals,

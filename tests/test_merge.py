@@ -474,3 +474,66 @@ def test_the_merge_reports_progress_tensor_by_tensor(parents, tmp_path):
                                   tmp_path / "child", progress=lambda done, total: steps.append((done, total))))
     assert len(steps) == len(out.tensors) and steps[-1] == (out.nbytes, out.nbytes)
     assert all(a[0] < b[0] for a, b in zip(steps, steps[1:]))
+
+
+@pytest.fixture(scope="module")
+def moe_layouts(tmp_path_factory):
+    """A Qwen3.5-MoE base, father and mother, each both as the hub stores it (fused experts, written with
+    safetensors) and as transformers saves a freshly built one (per expert)."""
+    import pico
+
+    root = tmp_path_factory.mktemp("moe-layouts")
+    paths = {}
+    for role, perturb in (("base", None), ("father", 1), ("mother", 2)):
+        model = pico.build("qwen3_5_moe_text")
+        if perturb is not None:
+            pico.perturbed(model, perturb)
+        tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        paths[role, "fused"] = pico.write_release(root / f"{role}-fused", tensors, model.config, shards=2)
+        paths[role, "per_expert"] = pico.save(model, root / f"{role}-per-expert")
+    for (role, layout), path in paths.items():
+        assert (layout == "fused") == any(n.endswith("experts.gate_up_proj") for n in Checkpoint(path).tensors)
+    return paths
+
+
+@pytest.mark.parametrize("method", ["darwin-v6", "dare-ties"])
+@pytest.mark.parametrize("father_layout", ["fused", "per_expert"])
+def test_parents_with_other_expert_layouts_merge_expert_by_expert(moe_layouts, tmp_path, method, father_layout):
+    """A mother (and base) with the other expert layout merges expert by expert into the father's layout: the
+    child is byte for byte the child of the same parents both in the father's layout, and holds no tensor of the
+    other layout; a dead expert of the father's is the mother's bytes; Phase 2's in-memory merge equals the child
+    loaded by transformers. `--strict` refuses the difference."""
+    from transformers import AutoModelForCausalLM
+
+    from darwin.merge import merge_into_model
+    from darwin.prescribe import ParentSignals
+
+    other = "per_expert" if father_layout == "fused" else "fused"
+    father = Checkpoint(moe_layouts["father", father_layout])
+    signals = ParentSignals(dead_experts={1: {2}})
+    children = {}
+    for layout in (father_layout, other):
+        mother, base = (Checkpoint(moe_layouts[role, layout]) for role in ("mother", "base"))
+        plan = plan_merge(father, mother, v6(), method, base=base, signals_a=signals)
+        children[layout] = merge_to_dir(plan, tmp_path / layout)
+    assert all_bytes(children[other]) == all_bytes(children[father_layout])
+    child = Checkpoint(children[other])
+    assert set(child.tensors) == set(father.tensors)
+    report = json.loads((children[other] / "merge_report.json").read_text())
+    assert report["experts_relaid"] == ["mother", "base"] and report["dead_experts_from"] == {"1": {"2": "mother"}}
+    mother = Checkpoint(moe_layouts["mother", father_layout])
+    dead = [n for n in father.tensors if n.startswith("model.layers.1.mlp.experts.")
+            and (".2." in n or n.endswith("_proj"))]
+    for name in dead:
+        piece, donor = child.read_array(name), mother.read_array(name)
+        assert np.array_equal(piece[2] if piece.ndim == 3 else piece, donor[2] if donor.ndim == 3 else donor), name
+    plan = plan_merge(father, Checkpoint(moe_layouts["mother", other]), v6(), method,
+                      base=Checkpoint(moe_layouts["base", other]), signals_a=signals)
+    model = AutoModelForCausalLM.from_pretrained(father.path, dtype=torch.bfloat16)
+    merge_into_model(plan, model)
+    expected = AutoModelForCausalLM.from_pretrained(children[other], dtype=torch.bfloat16).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    with pytest.raises(DarwinError, match="only in father"):
+        plan_merge(father, Checkpoint(moe_layouts["mother", other]), v6(), method,
+                   base=Checkpoint(moe_layouts["base", other]), strict=True)

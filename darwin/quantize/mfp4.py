@@ -25,10 +25,10 @@ import torch
 
 from darwin.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointWriter, copy_side_files
 from darwin.errors import DarwinError
+from darwin.experts import expert_parts
 from darwin.progress import Progress
 from darwin.quantize import check_source
 from darwin.quantize.calibration import Calibration
-from darwin.quantize.roundtrip import expert_parts
 from darwin.runtime import load_pretrained, pick_device
 
 BACKEND = "darwin_nvfp4_torch"
@@ -140,7 +140,7 @@ def quantize_mfp4(model: str | os.PathLike, out: str | os.PathLike, calibration:
 
 def _finish(ckpt: Checkpoint, staging: Path, out: Path) -> Path:
     """Check that every source tensor is in the export (as itself, its packed NVFP4 form, or, for fused experts,
-    ModelOpt's per-expert parts: `roundtrip.expert_parts`) and move it into place atomically, the tensors left
+    ModelOpt's per-expert parts: `darwin.experts.expert_parts`) and move it into place atomically, the tensors left
     unquantized as the source holds them, with the source's tokenizer and processor files beside ModelOpt's
     config."""
     exported = Checkpoint(staging)

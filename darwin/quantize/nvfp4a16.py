@@ -5,7 +5,7 @@ linears are quantized; linear attention, routers, embeddings, lm_head, norms, vi
 Qwen3.5-9B-heretic-NVFP4A16 card. Linears vLLM fuses into one kernel (q/k/v; gate/up, each expert's too) share one
 global scale, from the largest magnitude of all their parts, as llm-compressor writes them: vLLM applies one scale
 to the fused kernel, and parts with scales of their own would be decoded with another's. Routed experts stored
-fused (3-D) are quantized expert by expert, each with its own scales, and written per expert (`roundtrip.expert_parts`:
+fused (3-D) are quantized expert by expert, each with its own scales, and written per expert (`darwin.experts.expert_parts`:
 the layout vLLM's compressed-tensors MoE loader reads). compressed-tensors does the
 numerics (global scale, FP8 block scales, E2M1 rounding and packing) and names the tensors: `weight_packed` (uint8,
 two E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_global_scale`
@@ -29,9 +29,10 @@ from compressed_tensors.quantization.quant_scheme import NVFP4A16
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from darwin.checkpoint import Checkpoint, CheckpointWriter, TensorInfo, copy_side_files
+from darwin.experts import expert_parts
 from darwin.progress import Progress
 from darwin.quantize import check_source
-from darwin.quantize.roundtrip import expert_parts, fused_group
+from darwin.quantize.roundtrip import fused_group
 
 QUANTIZED_KINDS = ("attn", "mlp", "expert", "shared_expert")
 SCHEME = QuantizationScheme(targets=["Linear"], **NVFP4A16)

@@ -13,7 +13,7 @@ methods take column 0 of w13's scales), so a file whose parts disagree decodes w
 this report shows it.
 
 Routed experts stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]: Qwen3.5-MoE,
-Gemma 4) are released per expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj` (`expert_parts`): the names
+Gemma 4) are released per expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj` (`darwin.experts.expert_parts`): the names
 vLLM's expert mapping reads quantized parameters from (a fused quantized tensor has no name it loads), and what
 ModelOpt's export and llm-compressor write.
 """
@@ -31,14 +31,13 @@ from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
+from darwin.experts import fused_sources
 
 BLOCK = 16
 # vLLM's packed_modules_mapping of these families: the parts of one fused kernel, sharing its per-tensor scale
 FUSED = re.compile(r"^(?P<prefix>.*\.)(?:(?P<qkv>q_proj|k_proj|v_proj)|(?P<gate_up>gate_proj|up_proj))$")
 
 
-# routed experts stored fused, 3-D without `.weight` (transformers' gate_up_proj holds gate, then up, along dim 1)
-FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<part>gate_up_proj|down_proj)$")
 EXPERT_PART = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")
 
 
@@ -48,25 +47,6 @@ def fused_group(module: str) -> str:
     if match is None:
         return module
     return match["prefix"] + ("qkv_proj" if match["qkv"] else "gate_up_proj")
-
-
-def expert_parts(name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, slice]]:
-    """{per-expert module: (expert, rows of its slice)} of a fused 3-D expert tensor, {} for any other tensor."""
-    match = FUSED_EXPERTS.match(name)
-    if match is None or len(shape) != 3:
-        return {}
-    prefix, experts, rows = match["prefix"], shape[0], shape[1]
-    if match["part"] == "down_proj":
-        return {f"{prefix}.{e}.down_proj": (e, slice(0, rows)) for e in range(experts)}
-    half = rows // 2
-    return {f"{prefix}.{e}.{part}": (e, rows_of) for e in range(experts)
-            for part, rows_of in (("gate_proj", slice(0, half)), ("up_proj", slice(half, rows)))}
-
-
-def fused_sources(source: Checkpoint) -> dict[str, tuple[str, int, slice]]:
-    """{per-expert module: (fused source tensor, expert, rows)} of every fused expert tensor of `source`."""
-    return {module: (name, expert, rows) for name, info in source.tensors.items()
-            for module, (expert, rows) in expert_parts(name, info.shape).items()}
 
 
 def served_scales(modules: list[str], scale_of) -> dict[str, torch.Tensor]:
