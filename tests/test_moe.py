@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from darwin import moe, probes
+from darwin.experts import in_layout_of
 
 DEAD = {0: {3}, 1: {1, 2}, 2: set(), 3: {0}}
 TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "What is 17 times 23?",
@@ -18,15 +19,17 @@ TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "What
 
 
 def rigged_moe(dead: dict[int, set[int]], family: str = "qwen3_moe"):
-    """A pico MoE (Qwen3-MoE, or Qwen3.5-MoE with its linear attention and shared expert) whose routers never pick
+    """A pico MoE (Qwen3-MoE, or Qwen3.5-MoE with its linear attention and shared expert, text or vision-language)
+    whose routers never pick
     the `dead` experts. Residual channel 0 is held at a constant positive value (set in every embedding, and no
     attention, expert or shared expert writes to it), so after the RMSNorm it is positive for every token; a router
     row with -4 there loses to every row with +4, whatever the other (random, small) channels say."""
     model = pico.build(family, dtype=torch.float32)
+    text = getattr(model.model, "language_model", model.model)  # a vision-language model's text model
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 8.0
-        for index, layer in enumerate(model.model.layers):
+        text.embed_tokens.weight[:, 0] = 8.0
+        for index, layer in enumerate(text.layers):
             attention = getattr(layer, "self_attn", None)
             (attention.o_proj if attention is not None else layer.linear_attn.out_proj).weight[0] = 0
             layer.mlp.experts.down_proj[:, 0] = 0
@@ -100,39 +103,48 @@ def test_routing_files_keep_the_rule(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text", "qwen3_5_moe"])
 def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_family, tmp_path, family):
     """A MoE pair as transformers saves it, per expert (Qwen3-MoE) or fused 3-D (Qwen3.5-MoE), whose mother's router
     never picks expert 2 of layer 1: darwin-v5's run profiles the routing, Phase 2 scores every genome in memory
     (experts fused in the model) and the best child's expert 2 of layer 1 is the father's, byte for byte (in a fused
     tensor, its slice), while the live experts are merged. A Qwen3.5-MoE saved fresh by transformers comes out per
     expert: the fused pair is the hub's layout, the father written straight with safetensors and the mother loaded
-    from that layout and saved by transformers, which keeps it."""
+    from that layout and saved by transformers, which keeps it. "qwen3_5_moe" is the vision-language release
+    (Qwen3.5-35B-A3B's layout: `model.language_model.*`, a vision tower, an MTP layer with per-expert experts,
+    float32 A_log and norms) against its fine-tune saved through AutoModelForCausalLM (text model only, bf16):
+    transformers saves that fine-tune per expert, so the pair's expert layouts differ and merge expert by expert;
+    the child keeps the release's layout, vision tower and MTP byte for byte."""
     from darwin.checkpoint import Checkpoint
     from darwin.config import parse_config
     from flows import evolve
 
     import transformers as tf
 
-    fused = family == "qwen3_5_moe_text"
+    fused, release = family != "qwen3_moe", family == "qwen3_5_moe"
+    layers = "model.language_model.layers" if release else "model.layers"
     paths = {}
     for role, dead, seed in (("father", {}, None), ("mother", {1: {2}}, 3)):
         model = rigged_moe({layer: dead.get(layer, set()) for layer in range(4)}, family)
         if seed is not None:
             pico.perturbed(model, seed, scale=0.01)
-        model = model.to(torch.bfloat16)
         if fused:
-            tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+            tensors = {name: tensor.to(torch.float32 if release and pico.FLOAT32_IN_RELEASES.search(name)
+                                       else torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
+            if release:
+                tensors.update(pico.mtp_tensors(seed=seed or 0, experts=4))
             paths[role] = pico.write_release(tmp_path / role, tensors, model.config, shards=2)
             if role == "mother":
                 tf.AutoModelForCausalLM.from_pretrained(paths[role], dtype=torch.bfloat16).save_pretrained(
                     tmp_path / "mother-saved", max_shard_size="200KB")
                 paths[role] = tmp_path / "mother-saved"
         else:
-            paths[role] = pico.save(model, tmp_path / role)
+            paths[role] = pico.save(model.to(torch.bfloat16), tmp_path / role)
         picotok.save_beside(paths[role])
-    for role in paths:  # the layout on disk
-        assert fused != any(".experts.0." in name for name in Checkpoint(paths[role]).tensors), role
+    for role in paths:  # the layout on disk: a release's fine-tune saved through the text class comes out per expert
+        per_expert = not fused or (release and role == "mother")
+        assert per_expert == any(".experts.0." in name and not name.startswith("mtp.")
+                                 for name in Checkpoint(paths[role]).tensors), role
     config = parse_config({
         "father": str(paths["father"]), "mother": str(paths["mother"]), "method": "darwin-v5", "seed": 0,
         "phase1": {"steps": 2, "popsize": 4}, "runner": {"workers": 1}, "heldout": {"split": None},
@@ -148,18 +160,26 @@ def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_fa
                 for layer in dead["father"] if dead["father"][layer] ^ dead["mother"][layer]}
     report = json.loads((tmp_path / "run" / "best" / "merge_report.json").read_text())
     assert report["dead_experts_from"] == expected and expected["1"]["2"] == "father"
+    assert report["experts_relaid"] == (["mother"] if release else [])
     child = Checkpoint(summary["best_dir"])
-    parents = {role: Checkpoint(paths[role]) for role in ("father", "mother")}
+    father = Checkpoint(paths["father"])
+    parents = {"father": father, "mother": in_layout_of(Checkpoint(paths["mother"]), father)}
     for layer, experts in expected.items():
         for expert, donor in experts.items():
             if fused:
-                for name in (f"model.layers.{layer}.mlp.experts.{part}" for part in ("gate_up_proj", "down_proj")):
+                for name in (f"{layers}.{layer}.mlp.experts.{part}" for part in ("gate_up_proj", "down_proj")):
                     piece = child.read_array(name)
                     assert np.array_equal(piece[int(expert)], parents[donor].read_array(name)[int(expert)]), name
                     live = [e for e in range(piece.shape[0]) if str(e) not in experts]
                     assert not np.array_equal(piece[live], parents["father"].read_array(name)[live])  # merged
                 continue
-            names = [n for n in child.tensors if n.startswith(f"model.layers.{layer}.mlp.experts.{expert}.")]
+            names = [n for n in child.tensors if n.startswith(f"{layers}.{layer}.mlp.experts.{expert}.")]
             assert names
             for name in names:
                 assert np.array_equal(child.read_array(name), parents[donor].read_array(name)), name
+    if release:  # what the fine-tune dropped is the release's, byte for byte, in the release's dtypes
+        carried = [n for n in parents["father"].tensors if n.startswith(("mtp.", "model.visual."))]
+        assert any(n.startswith("mtp.layers.0.mlp.experts.3.") for n in carried)
+        for name in carried:
+            assert np.array_equal(child.read_array(name), parents["father"].read_array(name)), name
+        assert child.tensors[f"{layers}.0.linear_attn.A_log"].dtype == "F32"
