@@ -19,17 +19,29 @@ TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b", "What
 
 
 def rigged_moe(dead: dict[int, set[int]], family: str = "qwen3_moe"):
-    """A pico MoE (Qwen3-MoE, or Qwen3.5-MoE with its linear attention and shared expert, text or vision-language)
-    whose routers never pick
+    """A pico MoE (Qwen3-MoE; Qwen3.5-MoE with its linear attention and shared expert, text or vision-language; Gemma 4
+    MoE) whose routers never pick
     the `dead` experts. Residual channel 0 is held at a constant positive value (set in every embedding, and no
-    attention, expert or shared expert writes to it), so after the RMSNorm it is positive for every token; a router
-    row with -4 there loses to every row with +4, whatever the other (random, small) channels say."""
+    attention, expert or shared expert writes to it; in Gemma 4, whose every write passes a post-norm, their weight
+    is 0 there), so after the RMSNorm it is positive for every token; a router row with -4 there loses to every row
+    with +4, whatever the other (random, small) channels say."""
     model = pico.build(family, dtype=torch.float32)
     text = getattr(model.model, "language_model", model.model)  # a vision-language model's text model
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        text.embed_tokens.weight[:, 0] = 8.0
+        text.embed_tokens.weight[:, 0] = 0.1 if hasattr(text.layers[0], "router") else 8.0
         for index, layer in enumerate(text.layers):
+            if hasattr(layer, "router"):  # Gemma 4: every write to the residual passes a post-norm with a weight
+                for norm in ("post_attention_layernorm", "post_feedforward_layernorm", "post_per_layer_input_norm"):
+                    getattr(layer, norm).weight[0] = 0
+                # the router's own input scale lifts channel 0 there alone: the dead rows lose by a wide margin
+                # while the other channels, at full size, spread the tokens over the live experts
+                layer.router.scale[0] = 50.0
+                router = layer.router.proj.weight
+                router.copy_(torch.randn(router.shape, generator=g))
+                for expert in range(router.shape[0]):
+                    router[expert, 0] = -4.0 if expert in dead[index] else 4.0
+                continue
             attention = getattr(layer, "self_attn", None)
             (attention.o_proj if attention is not None else layer.linear_attn.out_proj).weight[0] = 0
             layer.mlp.experts.down_proj[:, 0] = 0
@@ -47,7 +59,7 @@ def tokenizer():
     return picotok.build()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text", "gemma4_moe_text"])
 def test_a_router_that_never_selects_some_experts_reports_exactly_those_dead(tokenizer, family):
     frame = moe.routing_stats(rigged_moe(DEAD, family), tokenizer, TEXTS, batch_size=2)
     assert moe.dead_expert_map(frame) == DEAD
@@ -103,7 +115,7 @@ def test_routing_files_keep_the_rule(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5_moe_text", "qwen3_5_moe", "gemma4_moe_text"])
 def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_family, tmp_path, family):
     """A MoE pair as transformers saves it, per expert (Qwen3-MoE) or fused 3-D (Qwen3.5-MoE), whose mother's router
     never picks expert 2 of layer 1: darwin-v5's run profiles the routing, Phase 2 scores every genome in memory
@@ -114,7 +126,8 @@ def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_fa
     (Qwen3.5-35B-A3B's layout: `model.language_model.*`, a vision tower, an MTP layer with per-expert experts,
     float32 A_log and norms) against its fine-tune saved through AutoModelForCausalLM (text model only, bf16):
     transformers saves that fine-tune per expert, so the pair's expert layouts differ and merge expert by expert;
-    the child keeps the release's layout, vision tower and MTP byte for byte."""
+    the child keeps the release's layout, vision tower and MTP byte for byte. Gemma 4 MoE stores its experts
+    fused beside the dense MLP (`layers.N.experts.*`, router `layers.N.router.*`)."""
     from darwin.checkpoint import Checkpoint
     from darwin.config import parse_config
     from flows import evolve
@@ -123,6 +136,7 @@ def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_fa
 
     fused, release = family != "qwen3_moe", family == "qwen3_5_moe"
     layers = "model.language_model.layers" if release else "model.layers"
+    experts_of = "experts" if family.startswith("gemma4") else "mlp.experts"  # inside a decoder layer
     paths = {}
     for role, dead, seed in (("father", {}, None), ("mother", {1: {2}}, 3)):
         model = rigged_moe({layer: dead.get(layer, set()) for layer in range(4)}, family)
@@ -130,7 +144,8 @@ def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_fa
             pico.perturbed(model, seed, scale=0.01)
         if fused:
             tensors = {name: tensor.to(torch.float32 if release and pico.FLOAT32_IN_RELEASES.search(name)
-                                       else torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
+                                       else torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()
+                       if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}  # stored once
             if release:
                 tensors.update(pico.mtp_tensors(seed=seed or 0, experts=4))
             paths[role] = pico.write_release(tmp_path / role, tensors, model.config, shards=2)
@@ -167,13 +182,13 @@ def test_evolution_takes_a_dead_expert_from_the_live_parent(prefect_api, pico_fa
     for layer, experts in expected.items():
         for expert, donor in experts.items():
             if fused:
-                for name in (f"{layers}.{layer}.mlp.experts.{part}" for part in ("gate_up_proj", "down_proj")):
+                for name in (f"{layers}.{layer}.{experts_of}.{part}" for part in ("gate_up_proj", "down_proj")):
                     piece = child.read_array(name)
                     assert np.array_equal(piece[int(expert)], parents[donor].read_array(name)[int(expert)]), name
                     live = [e for e in range(piece.shape[0]) if str(e) not in experts]
                     assert not np.array_equal(piece[live], parents["father"].read_array(name)[live])  # merged
                 continue
-            names = [n for n in child.tensors if n.startswith(f"{layers}.{layer}.mlp.experts.{expert}.")]
+            names = [n for n in child.tensors if n.startswith(f"{layers}.{layer}.{experts_of}.{expert}.")]
             assert names
             for name in names:
                 assert np.array_equal(child.read_array(name), parents[donor].read_array(name)), name
