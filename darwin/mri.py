@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from darwin.checkpoint import Checkpoint, dtype_name, st_dtype, to_torch
+from darwin.experts import expert_slices
 from darwin.report import png, read_table, write_table
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made, torch where a tensor is: `darwin merge` starts without
@@ -31,7 +32,7 @@ except ImportError:  # no C compiler at install time: bincount instead
 
 BINS = 256
 PROFILE_HINT = "run `darwin profile` first"
-COLUMNS = ["name", "shard", "kind", "block", "dtype", "shape", "numel", "norm", "std", "entropy"]
+COLUMNS = ["name", "shard", "kind", "block", "expert", "dtype", "shape", "numel", "norm", "std", "entropy"]
 SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, std, min(norm, 100)
 
 
@@ -135,22 +136,34 @@ def static_score(stats: dict[str, float], version: str) -> float:
 
 
 def profile_shard(checkpoint: Checkpoint, shard: str, device: str = "cpu") -> list[dict]:
-    """One row per tensor of one shard; tensors are read and released one at a time."""
+    """One row per tensor of one shard, its `expert` set for a per-expert tensor; a fused expert tensor is followed
+    by one row per expert slice, named `NAME[e]` (`darwin.experts`). Tensors are read and released one at a time."""
     rows = []
     for name in checkpoint.names(shard):
         info = checkpoint.tensors[name]
         kind, block = checkpoint.kind(name)
-        stats = tensor_stats(checkpoint.read(name).to(device))
-        rows.append({"name": name, "shard": shard, "kind": kind, "block": block, "dtype": dtype_name(info.dtype),
-                     "shape": list(info.shape), "numel": info.numel, **stats})
+        tensor = checkpoint.read(name).to(device)
+        experts = expert_slices(name, info.shape)
+        row = {"name": name, "shard": shard, "kind": kind, "block": block, "dtype": dtype_name(info.dtype)}
+        rows.append({**row, "expert": experts[0] if len(experts) == 1 else None, "shape": list(info.shape),
+                     "numel": info.numel, **tensor_stats(tensor)})
+        if len(experts) > 1:
+            rows += [{**row, "name": f"{name}[{e}]", "expert": e, "shape": list(info.shape[1:]),
+                      "numel": info.numel // info.shape[0], **tensor_stats(tensor[e])} for e in experts]
     return rows
+
+
+def tensor_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The profile's whole-tensor rows, without the expert slices of fused tensors."""
+    return frame[~frame["name"].str.endswith("]")]
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["block"] = frame["block"].astype("Int64")
+    for column in ("block", "expert"):
+        frame[column] = frame[column].astype("Int64")
     return frame
 
 
@@ -164,8 +177,8 @@ def read_profile(path: Path) -> pd.DataFrame:
 
 
 def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean of a statistic per decoder layer (rows) and kind (columns)."""
-    layered = frame.dropna(subset=["block"])
+    """Mean of a statistic per decoder layer (rows) and kind (columns), over whole tensors."""
+    layered = tensor_rows(frame).dropna(subset=["block"])
     return layered.pivot_table(index="block", columns="kind", values=column, aggfunc="mean").sort_index()
 
 
@@ -192,6 +205,7 @@ def heatmap_png(frame: pd.DataFrame) -> bytes:
 
 def summary_table(frame: pd.DataFrame) -> list[dict]:
     """Per kind: tensor count, parameters and mean statistics (the artifact a person reads first)."""
-    grouped = frame.groupby("kind").agg(tensors=("name", "count"), params=("numel", "sum"), norm=("norm", "mean"),
-                                        std=("std", "mean"), entropy=("entropy", "mean")).reset_index()
+    grouped = tensor_rows(frame).groupby("kind").agg(
+        tensors=("name", "count"), params=("numel", "sum"), norm=("norm", "mean"), std=("std", "mean"),
+        entropy=("entropy", "mean")).reset_index()
     return grouped.round(4).to_dict(orient="records")

@@ -102,3 +102,29 @@ def test_profile_cli(prefect_api, pico_checkpoint, tmp_path):
     assert main(["profile", str(pico_checkpoint("llama")), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
     frame = pd.read_parquet(tmp_path / "p" / "mri.parquet")
     assert math.isfinite(frame["entropy"].sum()) and (frame["kind"] != "other").all()
+
+
+@pytest.mark.parametrize("family", ["gemma4_moe_text", "qwen3_moe"])
+def test_experts_get_a_row_each(pico_checkpoint, family):
+    """A fused expert tensor is profiled whole and slice by slice (`NAME[e]`, the statistics of that expert's
+    slice); a per-expert tensor's row names its expert; the per-kind summary and the heatmap count whole tensors."""
+    checkpoint = Checkpoint(pico_checkpoint(family))
+    frame = mri.to_frame([row for shard in checkpoint.shards for row in mri.profile_shard(checkpoint, shard)])
+    whole = mri.tensor_rows(frame)
+    assert list(whole["name"]) == list(checkpoint.tensors)
+    fused = [name for name in checkpoint.tensors if name.endswith("experts.gate_up_proj")]
+    assert bool(fused) == (family == "gemma4_moe_text")
+    for name in fused:
+        tensor = checkpoint.read(name)
+        slices = frame[frame["name"].str.startswith(name + "[")]
+        assert list(slices["expert"]) == list(range(tensor.shape[0]))
+        for row in slices.itertuples():
+            expected = mri.tensor_stats(tensor[row.expert])
+            assert (row.norm, row.std, row.entropy) == (expected["norm"], expected["std"], expected["entropy"])
+            assert row.numel == tensor[0].numel() and row.kind == "expert"
+    per_expert = whole[whole["name"].str.contains(r"\.experts\.\d+\.")]
+    assert (family == "qwen3_moe") == (len(per_expert) > 0)
+    assert list(per_expert["expert"]) == [int(n.split(".experts.")[1].split(".")[0]) for n in per_expert["name"]]
+    assert whole.loc[~whole["name"].str.contains(".experts."), "expert"].isna().all()
+    summary = {row["kind"]: row["tensors"] for row in mri.summary_table(frame)}
+    assert sum(summary.values()) == len(checkpoint.tensors)
