@@ -15,6 +15,7 @@ from darwin.errors import DarwinError
 from darwin.evaluate import EvalOptions
 from darwin.quantize.calibration import Calibration, calibration_set
 from darwin.runtime import DEVICE_PATTERN
+from darwin.vllm_engine import VLLMSettings
 
 
 class _Strict(BaseModel):
@@ -28,6 +29,19 @@ class Phase1(_Strict):
 
 
 Split = Literal["train", "validation", "test"]
+
+
+class VLLM(_Strict):
+    """phase2.backend vllm: the engine's Python (null: DARWIN_VLLM_PYTHON, else darwin's), its share of the device
+    memory (vLLM's gpu_memory_utilization), its context length (null: the model's) and dtype."""
+
+    python: str | None = None
+    memory: float = Field(0.5, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    def settings(self) -> VLLMSettings:
+        return VLLMSettings(self.python, self.memory, self.max_model_len, self.dtype)
 
 
 class Phase2(_Strict):
@@ -44,6 +58,8 @@ class Phase2(_Strict):
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
     metrics: dict[str, str] = Field(default_factory=dict)  # leaf task -> metric or "metric,filter"
+    backend: Literal["hf", "vllm"] = "hf"  # which model lm-eval scores: transformers' (HFLM) or a vLLM engine
+    vllm: VLLM = VLLM()
 
     @model_validator(mode="after")
     def _multiturn(self) -> Phase2:
@@ -53,7 +69,8 @@ class Phase2(_Strict):
 
     def eval_options(self) -> EvalOptions:
         return EvalOptions(self.num_fewshot, self.apply_chat_template, self.fewshot_as_multiturn,
-                           tuple(sorted(self.metrics.items())))
+                           tuple(sorted(self.metrics.items())), self.backend,
+                           self.vllm.settings() if self.backend == "vllm" else None)
 
 
 class Heldout(_Strict):

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from darwin.errors import DarwinError
+from darwin.vllm_engine import VLLMSettings
 
 TEMPLATE = Path(__file__).parent / "data" / "tasks" / "arc_challenge_local.yaml"
 SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
@@ -37,12 +38,15 @@ FEWSHOT_SEED = 1234
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How lm-eval evaluates the tasks, as its own options of the same names."""
+    """How lm-eval evaluates the tasks, as its own options of the same names, and which model runs them: lm-eval's
+    HFLM over the transformers model (`hf`) or a vLLM engine (`vllm`: darwin.vllm_engine, with `vllm`'s settings)."""
 
     num_fewshot: int | None = None  # None: each task's own (0 where its config says nothing)
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
     metrics: tuple[tuple[str, str], ...] = ()  # (leaf task, metric or "metric,filter"); the others: acc_norm, acc
+    backend: str = "hf"
+    vllm: VLLMSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,14 @@ class TaskSet:
                 if self.split:
                     _evaluate_on(name, task, self.split)
             _check_metrics(dict(self.options.metrics), loaded["tasks"])
+            if self.options.backend == "vllm":
+                from darwin.vllm_engine import OUTPUT_TYPES
+
+                other = [f"{name} ({task.OUTPUT_TYPE})" for name, task in loaded["tasks"].items()
+                         if task.OUTPUT_TYPE not in OUTPUT_TYPES]
+                if other:
+                    raise DarwinError(f"phase2.backend vllm scores loglikelihood and multiple-choice tasks, not "
+                                      f"{', '.join(other)}: use the hf backend for those")
             self._local.loaded = loaded
         return loaded
 
@@ -193,16 +205,23 @@ def evaluate(
     own device argument for a live model. Pass a TaskSet when evaluating many models on the same tasks.
     `batch_size` "auto" is lm-eval's: the largest that fits, found once per model.
     """
-    from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    start = time.perf_counter()
     task_set = tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)
-    loaded = task_set.loaded()
     if device is not None:
         model.to(device)
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return evaluate_lm(lm, task_set, limit)
+
+
+def evaluate_lm(lm, task_set: TaskSet, limit: int | None = None) -> EvalResult:
+    """Score an lm-eval model (HFLM, or darwin.vllm_engine's) on a prepared TaskSet."""
+    from lm_eval.evaluator import evaluate as lm_evaluate
+
+    start = time.perf_counter()
+    loaded = task_set.loaded()
+    with _quiet():
         # lm_eval.evaluator.evaluate rather than simple_evaluate: the latter reseeds the global RNGs and collects
         # environment info (pip list and git in subprocesses, ~0.3 s a call)
         options = task_set.options

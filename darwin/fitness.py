@@ -2,7 +2,8 @@
 
 Each worker (a thread of the local task runner, or a Ray worker process) loads the father once as the skeleton,
 then overwrites its parameters tensor by tensor for every candidate: no checkpoint is written and nothing is
-allocated twice. Results are cached on disk by everything that changes a score (`run_inputs`, genome_hash, tasks,
+allocated twice. With `phase2.backend: vllm` the worker holds a vLLM engine on the father instead and loads each
+candidate's merged tensors into it in place (darwin.vllm_engine). Results are cached on disk by everything that changes a score (`run_inputs`, genome_hash, tasks,
 limit), so a genome is never evaluated twice, across runs and across resumed runs too.
 """
 
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from darwin.checkpoint import Checkpoint, content_sha256, torch_dtype
-from darwin.evaluate import EvalResult, TaskSet, evaluate, fitness_cache_key
+from darwin.evaluate import EvalOptions, EvalResult, TaskSet, evaluate, evaluate_lm, fitness_cache_key
 from darwin.genome import Genome
-from darwin.merge import load_mri, merge_into_model, plan_merge
+from darwin.merge import load_mri, merge_into_model, merged_tensors, plan_merge
 from darwin.prescribe import RULES_VERSION, load_signals
 from darwin.runtime import CACHE_ROOT, pick_device
+from darwin.vllm_engine import VLLMEngine, VLLMSettings, engine_lm
 
 # Phase 1's measured proxy: the same tasks on their first questions only, scored by the mean margin of the right
 # answer (continuous) rather than accuracy on so few questions.
@@ -82,9 +84,12 @@ class FitnessCache:
 
 
 class _Worker(threading.local):
-    """Per worker thread: the parents' headers, the skeleton model and its tokenizer, built on first use."""
+    """Per worker thread: the parents' headers, the skeleton model (or vLLM engine) and its tokenizer, built on
+    first use."""
 
     key: Parents | None = None
+    backend: tuple | None = None
+    engine: VLLMEngine | None = None
 
 
 _worker = _Worker()
@@ -99,21 +104,44 @@ def _load(checkpoint: Checkpoint, device: str):
     return model, AutoTokenizer.from_pretrained(checkpoint.path)
 
 
-def _prepare(parents: Parents, device: str):
-    if _worker.key != parents or getattr(_worker, "model_device", None) != device:
+def _prepare(parents: Parents, device: str, options: EvalOptions):
+    """The worker's parents and what scores a candidate: the father's skeleton model (hf), or a vLLM engine on
+    the father's checkpoint (vllm), built once."""
+    backend = (options.backend, options.vllm)
+    if _worker.key != parents or getattr(_worker, "model_device", None) != device or _worker.backend != backend:
+        if getattr(_worker, "engine", None) is not None:
+            _worker.engine.close()
         father = Checkpoint(parents.father)
         _worker.checkpoints = (father, Checkpoint(parents.mother),
                                Checkpoint(parents.base) if parents.base else None)
         _worker.mri = (load_mri(parents.mri_father), load_mri(parents.mri_mother))
         _worker.signals = (load_signals(parents.probes_father), load_signals(parents.probes_mother))
-        _worker.model, _worker.tokenizer = _load(father, device)
-        _worker.key, _worker.model_device = parents, device
+        _worker.model = _worker.engine = None
+        if options.backend == "vllm":
+            from transformers import AutoTokenizer
+
+            _worker.engine = VLLMEngine(father.path, options.vllm or VLLMSettings())
+            _worker.tokenizer = AutoTokenizer.from_pretrained(father.path)
+        else:
+            _worker.model, _worker.tokenizer = _load(father, device)
+        _worker.key, _worker.model_device, _worker.backend = parents, device, backend
     return _worker
 
 
 def score_model(path: str, tasks: TaskSet, limit: int | None = None, batch_size: int | str = 8,
                 device: str = "auto") -> EvalResult:
-    """A checkpoint on disk scored on `tasks` (the held-out report scores father, mother and child so)."""
+    """A checkpoint on disk scored on `tasks` (the held-out report scores father, mother and child so), with the
+    tasks' backend."""
+    options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
+    if options.backend == "vllm":
+        from transformers import AutoTokenizer
+
+        checkpoint = Checkpoint(path)
+        engine = VLLMEngine(checkpoint.path, options.vllm or VLLMSettings())
+        try:
+            return evaluate_lm(engine_lm(engine, AutoTokenizer.from_pretrained(checkpoint.path)), tasks, limit)
+        finally:
+            engine.close()
     model, tokenizer = _load(Checkpoint(path), pick_device(device))
     with torch.no_grad():
         return evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
@@ -143,14 +171,21 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
         return {**hit, "cached": True}
     started = time.perf_counter()
     device = pick_device(device)
-    worker = _prepare(parents, device)
+    options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
+    worker = _prepare(parents, device, options)
     father, mother, base = worker.checkpoints
     plan = plan_merge(father, mother, genome, parents.method, base=base, mri_a=worker.mri[0], mri_b=worker.mri[1],
                       signals_a=worker.signals[0], signals_b=worker.signals[1])
-    merge_into_model(plan, worker.model, device=device)
-    merged = time.perf_counter()
-    with torch.no_grad():
-        result = evaluate(worker.model, worker.tokenizer, tasks, limit=limit, batch_size=batch_size)
+    if worker.engine is not None:  # the merged tensors under their checkpoint names, into vLLM in place
+        dtypes = {tp.name: plan.source(tp).dtype for tp in plan.tensors}
+        worker.engine.load((name, dtypes[name], raw) for name, raw, _ in merged_tensors(plan))
+        merged = time.perf_counter()
+        result = evaluate_lm(engine_lm(worker.engine, worker.tokenizer), tasks, limit)
+    else:
+        merge_into_model(plan, worker.model, device=device)
+        merged = time.perf_counter()
+        with torch.no_grad():
+            result = evaluate(worker.model, worker.tokenizer, tasks, limit=limit, batch_size=batch_size)
     record = {
         "genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": result.fitness, "scores": result.scores,
         "per_question": result.per_question, "margins": result.margins, "merge_seconds": round(merged - started, 3),

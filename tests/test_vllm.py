@@ -166,3 +166,100 @@ def test_vllm_serves_a_qwen3_5_child(vllm_python, tmp_path):
     for ids, answer in zip(PROMPTS, answers):
         expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
         assert answer["tokens"] == expected.tolist()
+
+
+QUESTIONS = [("Which is a fruit", ["banana", "rock", "iron", "seven"]), ("What barks", ["a dog", "a fish", "a tree",
+             "a snail"]), ("What melts ice", ["heat", "wind", "dark", "salt"]), ("Where do fish live", ["water",
+             "moon", "sand", "trees"]), ("What do bees make", ["honey", "bricks", "steel", "glass"]),
+             ("What is cold", ["snow", "fire", "sun", "lava"]), ("What flies", ["a bird", "a stone", "a cow", "a car"]),
+             ("What is green", ["grass", "coal", "milk", "blood"])]
+
+
+@pytest.mark.slow
+def test_phase2_on_vllm_scores_every_question_as_the_hf_backend(vllm_python, tmp_path, monkeypatch):
+    """`phase2.backend: vllm`: one engine on the father, each candidate's merged tensors loaded into it in place
+    (vLLM's reload_weights, no checkpoint written), scored on lm-eval's own requests. Per question, the results
+    and margins equal the HF backend's, for two candidates in a row (the second replaces the first's weights) and
+    for a checkpoint on disk (the held-out report's scoring); a generative task is refused in one line."""
+    from darwin.config import parse_config
+    from darwin.errors import DarwinError
+    from darwin.evaluate import multiple_choice_task_file, prepared_tasks
+    from darwin.fitness import FitnessCache, Parents, evaluate_genome, score_model
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    paths = {}
+    for role, seed in (("father", 1), ("mother", 2)):
+        paths[role] = tmp_path / role
+        llama(seed).float().save_pretrained(paths[role])  # float32 in both backends: their noise is 1e-6
+        picotok.save_beside(paths[role])
+    rows = [json.dumps({"id": f"q{i}", "question": q, "choices": {"text": c, "label": list("ABCD")},
+                        "answerKey": "ABCD"[i % 4]}) for i, (q, c) in enumerate(QUESTIONS)]
+    (tmp_path / "toy.jsonl").write_text("\n".join(rows) + "\n")
+    task = multiple_choice_task_file("toy_vllm", {"test": tmp_path / "toy.jsonl"}, tmp_path / "tasks")
+    phase2 = {"tasks": [str(task)], "split": "test", "device": "cpu",
+              "vllm": {"python": str(vllm_python), "memory": 0.1, "dtype": "float32"}}
+    tasks = {backend: prepared_tasks((str(task),), "test", parse_config({
+        "father": "f", "mother": "m", "heldout": {"split": None},
+        "phase2": {**phase2, "backend": backend}}).phase2.eval_options()) for backend in ("hf", "vllm")}
+    parents = Parents(str(paths["father"]), str(paths["mother"]), "darwin-v5")
+    records = {backend: [evaluate_genome(parents, {**V5, "global_ratio": ratio}, tasks[backend],
+                                         cache=FitnessCache(tmp_path / f"cache-{backend}"))
+                         for ratio in (0.2, 0.8)] for backend in ("hf", "vllm")}
+    for hf, vllm in zip(records["hf"], records["vllm"]):
+        assert vllm["per_question"] == hf["per_question"] and vllm["fitness"] == hf["fitness"]
+        assert vllm["margins"]["toy_vllm"] == pytest.approx(hf["margins"]["toy_vllm"], abs=1e-4)
+        assert vllm["worker"].endswith(":cpu") and not vllm["cached"]
+    first, second = (r["margins"]["toy_vllm"] for r in records["vllm"])
+    assert max(abs(a - b) for a, b in zip(first, second)) > 1e-2  # the second candidate's weights, not the first's
+    on_disk = {backend: score_model(str(paths["mother"]), tasks[backend]) for backend in ("hf", "vllm")}
+    assert on_disk["vllm"].per_question == on_disk["hf"].per_question
+    assert on_disk["vllm"].margins["toy_vllm"] == pytest.approx(on_disk["hf"].margins["toy_vllm"], abs=1e-4)
+    generative = tmp_path / "gen.yaml"
+    generative.write_text(f"task: gen_vllm\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+                          f"{tmp_path / 'toy.jsonl'}\ntest_split: test\noutput_type: generate_until\n"
+                          "doc_to_text: '{{question}}'\ndoc_to_target: '{{answerKey}}'\n"
+                          "metric_list:\n  - metric: exact_match\n")
+    options = tasks["vllm"].options
+    with pytest.raises(DarwinError, match=r"backend vllm scores loglikelihood .* not gen_vllm \(generate_until\)"):
+        prepared_tasks((str(generative),), "test", options)
+
+
+@pytest.mark.slow
+def test_darwin_evolve_runs_phase2_on_vllm(vllm_python, tmp_path, monkeypatch, prefect_api):
+    """The run config's `phase2.backend: vllm` through the evolve flow: every Phase 2 genome scored by the engine
+    (no failed genome), the held-out report scored on it too, and each fitness the HF backend's."""
+    import pandas as pd
+
+    from darwin.config import parse_config
+    from darwin.evaluate import multiple_choice_task_file, prepared_tasks
+    from darwin.fitness import FitnessCache, Parents, evaluate_genome
+    from flows import evolve
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    paths = {}
+    for role, seed in (("father", 1), ("mother", 2)):
+        paths[role] = tmp_path / role
+        llama(seed).float().save_pretrained(paths[role])
+        picotok.save_beside(paths[role])
+    rows = [json.dumps({"id": f"q{i}", "question": q, "choices": {"text": c, "label": list("ABCD")},
+                        "answerKey": "ABCD"[i % 4]}) for i, (q, c) in enumerate(QUESTIONS)]
+    for split in ("validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    task = multiple_choice_task_file("toy_evolve", {s: tmp_path / f"{s}.jsonl" for s in ("validation", "test")},
+                                     tmp_path / "tasks")
+    raw = {"father": str(paths["father"]), "mother": str(paths["mother"]), "method": "darwin-v5", "seed": 0,
+           "phase1": {"steps": 1, "popsize": 2}, "runner": {"workers": 1},
+           "phase2": {"steps": 1, "popsize": 2, "tasks": [str(task)], "device": "cpu", "backend": "vllm",
+                      "vllm": {"python": str(vllm_python), "memory": 0.1, "dtype": "float32"}}}
+    summary = evolve.run_evolution(parse_config(raw), tmp_path / "run", cache_dir=str(tmp_path / "cache"))
+    history = pd.read_parquet(tmp_path / "run" / "history.parquet")
+    phase2 = history[history["phase"] == 2]
+    assert len(phase2) >= 2 and not phase2["failed"].any()
+    assert set(summary["heldout"]["scores"]) == {"father", "mother", "child"}
+    hf = prepared_tasks((str(task),), "validation")
+    parents = Parents(str(paths["father"]), str(paths["mother"]), "darwin-v5")
+    for row in phase2.itertuples():
+        genes = {name: getattr(row, name) for name in V5}
+        assert evaluate_genome(parents, genes, hf, cache=FitnessCache(tmp_path / "hf"))["fitness"] == row.fitness
