@@ -22,6 +22,8 @@ drift of the shared machine hits all of them alike; medians of --repeat rounds a
   `mergekit-yaml config.yaml OUT --lazy-unpickle`, installed into its own venv under --work (torch first, from
   the local CPU wheel, so no CUDA build is pulled);
 - darwin-v5 on a --small model too: peak RSS should not grow with the model size;
+- a fused-expert pair (one layer, gate_up 512 MiB): the experts merged whole against slice by slice (darwin's
+  default above 256 MiB), peak anonymous RSS;
 - in a memory cgroup (v2 where its memory controller is enabled, else v1) limited to 1 GiB + 2x the largest
   tensor, once per darwin method after the page cache is dropped (pages a run reads are charged to its cgroup
   only if they are not cached already): the cgroup's peak charge (page cache included, which the kernel reclaims
@@ -245,6 +247,59 @@ def profile(model: Path, work: Path) -> Path:
     return out
 
 
+FUSED_SCRIPT = """
+import sys
+import darwin.merge
+darwin.merge.STREAM_BYTES = int(sys.argv[1])
+from flows.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def fused_family(work: Path) -> dict[str, Path]:
+    """Father and mother of one Qwen3.5-MoE-like layer whose fused experts dominate: gate_up [64, 2048, 2048] bf16
+    (512 MiB, half a 35B-A3B's layer), down_proj [64, 2048, 1024], beside a 16 MiB embedding."""
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = {"model.embed_tokens.weight": (4096, 2048), "model.layers.0.mlp.experts.gate_up_proj": (64, 2048, 2048),
+              "model.layers.0.mlp.experts.down_proj": (64, 2048, 1024)}
+    config = {"model_type": "qwen3_5_moe_text", "architectures": ["Qwen3_5MoeForCausalLM"], "hidden_size": 2048,
+              "num_hidden_layers": 1, "num_experts": 64, "moe_intermediate_size": 1024, "vocab_size": 4096}
+    paths = {}
+    for role, seed in (("father", 1), ("mother", 2)):
+        paths[role] = work / "fused-moe" / role
+        if not (paths[role] / "model.safetensors").exists():
+            paths[role].mkdir(parents=True, exist_ok=True)
+            g = torch.Generator().manual_seed(seed)
+            save_file({n: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for n, shape in shapes.items()},
+                      paths[role] / "model.safetensors", metadata={"format": "pt"})
+            (paths[role] / "config.json").write_text(json.dumps(config))
+    return paths
+
+
+def fused_runs(work: Path, repeat: int) -> None:
+    """`darwin merge` of the fused-expert pair with the experts merged whole and slice by slice: peak anonymous
+    RSS, the memory the merge owns."""
+    paths = fused_family(work)
+    genome = work / "genome-v5.json"
+    genome.write_text(json.dumps(GENOME))
+    out = work / "merge-out" / "fused"
+    print("\nfused experts (gate_up 512 MiB, down 256 MiB): merged whole against slice by slice", flush=True)
+    for label, threshold in (("whole", 1 << 50), ("slice by slice", 0)):
+        results = []
+        for _ in range(repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            results.append(run_measured([sys.executable, "-c", FUSED_SCRIPT, str(threshold), "merge", "--father",
+                                         str(paths["father"]), "--mother", str(paths["mother"]), "--genome",
+                                         str(genome), "--method", "darwin-v5", "--out", str(out)], cwd=ROOT))
+        print(f"  {label:15s} wall {statistics.median(r['wall'] for r in results):6.2f} s  peak anon "
+              f"{statistics.median(r['anon_mb'] for r in results):6.0f} MB  peak RSS "
+              f"{statistics.median(r['rss_mb'] for r in results):6.0f} MB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def build_family(work: Path, size: str, dtype: str) -> dict[str, Path]:
     root = work / (f"llama-{size}" if dtype == "bfloat16" else f"llama-{size}-{dtype}")
     return {role: build_llama(root / role, size, noise_seed=seed, dtype=dtype)
@@ -315,6 +370,7 @@ def main() -> None:
           f"load now {os.getloadavg()[0]:.1f}")
     if not args.skip_cgroup:
         cgroup_runs(args.work, models)
+    fused_runs(args.work, args.repeat)
 
 
 if __name__ == "__main__":

@@ -488,18 +488,26 @@ class ShardStream:
         self._fh = open(path, "wb")
         self._fh.write(_header_bytes(specs, metadata))
 
-    def write(self, name: str, data: np.ndarray | torch.Tensor) -> None:
-        """`data`: a tensor, or raw bits as `Checkpoint.read_array` gives them."""
+    def write(self, name: str, data: np.ndarray | torch.Tensor | Iterable[np.ndarray]) -> None:
+        """`data`: a tensor, raw bits as `Checkpoint.read_array` gives them, or the raw bits of its slices along
+        dim 0, in order (each written before the next is asked for)."""
         expected_name, dtype, shape = self.specs[self._next]
-        if isinstance(data, np.ndarray):  # raw bits say only their width: fp8 of either kind come as uint8
-            raw, got, same_dtype = data, data.dtype, data.dtype == raw_dtype(dtype)
-        else:
-            raw, got = to_raw(data), st_dtype(data.dtype)
-            same_dtype = got == dtype
-        if name != expected_name or not same_dtype or tuple(data.shape) != tuple(shape):
-            raise ValueError(f"{self.path.name}: expected {expected_name} {dtype}{list(shape)}, "
-                             f"got {name} {got}{list(data.shape)}")
-        self._fh.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))
+        whole = hasattr(data, "shape")
+        rows = 0
+        for piece in [data] if whole else data:
+            if isinstance(piece, np.ndarray):  # raw bits say only their width: fp8 of either kind come as uint8
+                raw, got, same_dtype = piece, piece.dtype, piece.dtype == raw_dtype(dtype)
+            else:
+                raw, got = to_raw(piece), st_dtype(piece.dtype)
+                same_dtype = got == dtype
+            fits = tuple(piece.shape) == (tuple(shape) if whole else tuple(shape[1:]))
+            if name != expected_name or not same_dtype or not fits:
+                raise ValueError(f"{self.path.name}: expected {expected_name} {dtype}{list(shape)}, "
+                                 f"got {name} {got}{list(piece.shape)}{'' if whole else ' as a slice'}")
+            self._fh.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))
+            rows += 1
+        if not whole and rows != shape[0]:
+            raise ValueError(f"{self.path.name}: {expected_name} got {rows} of its {shape[0]} slices")
         self._next += 1
 
     def close(self) -> None:

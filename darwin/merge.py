@@ -69,6 +69,8 @@ REPORT_NAME = "merge_report.json"
 # The direct kernel makes no temporaries and runs no torch op per chunk, so its chunks are large: at masks.CHUNK a
 # 400M-element merge spent its time on 12,500 chunks' slicing and futures, not in the kernel.
 DIRECT_CHUNK = 1 << 20
+# A fused expert tensor larger than this is merged and written one expert slice at a time (`streamed`)
+STREAM_BYTES = 256 << 20
 # Kinds of tensors (darwin/families) that AutoModelForCausalLM builds no parameter for: Phase 2 leaves them out
 UNBUILT_KINDS = ("vision", "mtp")
 # dtypes the kernel reads and writes in place (the value: its dtype code in _kernels.c); parents of different
@@ -228,8 +230,9 @@ def _chunk_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None,
-                  final: float, device: str, ring: BufferRing | None = None) -> np.ndarray:
-    """The merged raw bits of one tensor from its parents' raw bits (`Checkpoint.read_array`)."""
+                  final: float, device: str, ring: BufferRing | None = None, offset: int = 0) -> np.ndarray:
+    """The merged raw bits of one tensor, or of the part of it that starts at element `offset` (one expert's slice
+    of a fused tensor: the mask bits are the whole tensor's), from its parents' raw bits (`Checkpoint.read_array`)."""
     genome, spec = plan.genome, METHODS[plan.method]
     code = plan.father.tensors[tp.name].dtype
     codes = (code, plan.mother.tensors[tp.name].dtype, plan.base.tensors[tp.name].dtype if base is not None else code)
@@ -248,7 +251,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
         def merge_chunk(start: int) -> None:
             stop = min(a.size, start + chunk)
             spec.kernel(*(x[start:stop] if x is not None else None for x in (out, flat_a, flat_b, flat_base)),
-                        start, seed, final, density_a, density_b, blend, KERNEL_DTYPES[code])
+                        offset + start, seed, final, density_a, density_b, blend, KERNEL_DTYPES[code])
     else:
         import torch
 
@@ -264,9 +267,10 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
             if fused:
                 merged = torch.empty_like(ca)
                 spec.kernel(merged.numpy(), ca.numpy(), cb.numpy(), cbase.numpy() if cbase is not None else None,
-                            start, seed, final, density_a, density_b, blend, KERNEL_DTYPES["F32"])
+                            offset + start, seed, final, density_a, density_b, blend, KERNEL_DTYPES["F32"])
             else:
-                keep_a, keep_b = masks.keep_masks(seed, start, stop, density_a if spec.needs_base else None,
+                keep_a, keep_b = masks.keep_masks(seed, offset + start, offset + stop,
+                                                  density_a if spec.needs_base else None,
                                                   density_b, device)
                 merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
                 if blend != 1.0:
@@ -289,6 +293,39 @@ def parent_stats(profile: dict[str, dict], name: str, raw: np.ndarray, code: str
     return array_stats(raw, code) if device == "cpu" else tensor_stats(to_torch(raw, code).to(device))
 
 
+def _decide(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, device: str,
+            stats: tuple[dict, dict] | None) -> tuple[dict, float, str | None, dict[int, str]]:
+    """(report row, final ratio, the parent the whole tensor is taken from or None, {expert slice: live parent}
+    of a fused tensor's dead experts) of a shared float tensor."""
+    row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
+    code, code_b = plan.father.tensors[tp.name].dtype, plan.mother.tensors[tp.name].dtype
+    stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, code, device),
+                                 parent_stats(plan.mri_b, tp.name, b, code_b, device))
+    ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
+                                                         plan.signals_a, plan.signals_b)
+    final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
+    donors = prescribe.dead_expert_donors(tp.name, a.shape, tp.block, plan.signals_a, plan.signals_b)
+    whole = len(expert_slices(tp.name, a.shape)) == 1  # a per-expert tensor: its one donor takes all of it
+    chosen = (next(iter(donors.values()), None) if whole else None) or prescribe.transplant(final, plan.genome.version)
+    row.update(mri_ratio=ratio, final_ratio=final, transplant=chosen)
+    if probe_a is not None:
+        row.update(probe_father=probe_a, probe_mother=probe_b)
+    if donors:
+        row["dead_expert_donors"] = {str(e): donor for e, donor in donors.items()}
+    return row, final, chosen, {} if whole else donors
+
+
+def _values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None, final: float,
+            taken: str | None, device: str, ring: BufferRing | None, offset: int = 0) -> np.ndarray:
+    """A tensor's (or slice's) raw bits in the father's dtype: one parent's (`taken`) or merged."""
+    if taken == "father":
+        return a
+    code, code_b = plan.father.tensors[tp.name].dtype, plan.mother.tensors[tp.name].dtype
+    if taken == "mother":
+        return b if code_b == code else to_raw(to_torch(np.ascontiguousarray(b), code_b).to(torch_dtype(code)))
+    return _merge_values(plan, tp, a, b, base, final, device, ring, offset)
+
+
 def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None,
                  device: str = "cpu", stats: tuple[dict, dict] | None = None, ring: BufferRing | None = None
                  ) -> tuple[np.ndarray, dict]:
@@ -297,35 +334,41 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, 
     row = {"kind": tp.kind, "block": tp.block, "genome_ratio": tp.genome_ratio}
     if tp.carried:
         return (a if tp.carried == "father" else b), {**row, "carried": tp.carried}
-    code, code_b = plan.father.tensors[tp.name].dtype, plan.mother.tensors[tp.name].dtype
-    if code not in FLOAT_DTYPES:
+    if plan.father.tensors[tp.name].dtype not in FLOAT_DTYPES:
         return a, {**row, "mri_ratio": None, "final_ratio": 0.0, "transplant": "father"}
-    stats_a, stats_b = stats or (parent_stats(plan.mri_a, tp.name, a, code, device),
-                                 parent_stats(plan.mri_b, tp.name, b, code_b, device))
-    ratio, probe_a, probe_b = prescribe.tensor_mri_ratio(stats_a, stats_b, plan.genome.version, tp.block,
-                                                         plan.signals_a, plan.signals_b)
-    final = prescribe.final_ratio(ratio, tp.genome_ratio, plan.genome.mri_trust())
-    donors = prescribe.dead_expert_donors(tp.name, a.shape, tp.block, plan.signals_a, plan.signals_b)
-    whole = donors if len(expert_slices(tp.name, a.shape)) == 1 else {}  # a per-expert tensor
-    chosen = next(iter(whole.values()), None) or prescribe.transplant(final, plan.genome.version)
-    row.update(mri_ratio=ratio, final_ratio=final, transplant=chosen)
-    if probe_a is not None:
-        row.update(probe_father=probe_a, probe_mother=probe_b)
-    if donors:
-        row["dead_expert_donors"] = {str(e): donor for e, donor in donors.items()}
-    def in_fathers_dtype(raw: np.ndarray) -> np.ndarray:
-        return raw if code_b == code else to_raw(to_torch(raw, code_b).to(torch_dtype(code)))
-
-    if chosen:
-        merged = a if chosen == "father" else in_fathers_dtype(b)
-    else:
-        merged = _merge_values(plan, tp, a, b, base, final, device, ring)
-    if donors and not whole:  # a fused tensor: each dead expert's slice is the live parent's bytes
+    row, final, chosen, donors = _decide(plan, tp, a, b, device, stats)
+    merged = _values(plan, tp, a, b, base, final, chosen, device, ring)
+    if donors:  # a fused tensor: each dead expert's slice is the live parent's bytes
         if merged is a or merged is b:
             merged = merged.copy()  # never write into a parent's mapped pages
         for expert, donor in donors.items():
-            merged[expert] = a[expert] if donor == "father" else in_fathers_dtype(b[expert])
+            merged[expert] = _values(plan, tp, a[expert], b[expert], None, final, donor, device, None)
     return merged, row
+
+
+def merge_slices(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray, base: np.ndarray | None,
+                 device: str = "cpu", stats: tuple[dict, dict] | None = None, ring: BufferRing | None = None
+                 ) -> tuple[Iterator[np.ndarray], dict]:
+    """`merge_tensor` of a fused expert tensor (`streamed`), one expert slice at a time: the slices' raw bits, in
+    order (each valid until the ring hands its memory out again), and the report entry. The bytes are
+    `merge_tensor`'s: a slice's mask bits are the whole tensor's, from its first element's index on."""
+    row, final, chosen, donors = _decide(plan, tp, a, b, device, stats)
+    size = a[0].size
+
+    def pieces() -> Iterator[np.ndarray]:
+        for expert in range(a.shape[0]):
+            yield _values(plan, tp, a[expert], b[expert], base[expert] if base is not None else None, final,
+                          donors.get(expert, chosen), device, ring, expert * size)
+
+    return pieces(), row
+
+
+def streamed(plan: MergePlan, tp: TensorPlan) -> bool:
+    """Whether the merge writes this tensor slice by slice: a shared fused expert tensor over STREAM_BYTES (a
+    35B-A3B's gate_up is 1 GiB a layer), so its memory is a slice's, not the tensor's."""
+    info = plan.father.tensors[tp.name]
+    return (not tp.carried and info.dtype in FLOAT_DTYPES and info.nbytes > STREAM_BYTES
+            and len(expert_slices(tp.name, info.shape)) > 1)
 
 
 def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") -> dict[str, tuple[dict, dict]]:
@@ -348,9 +391,11 @@ def parents_stats(plan: MergePlan, todo: list[TensorPlan], device: str = "cpu") 
 
 
 def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str = "cpu",
-                   ring: BufferRing | None = None) -> Iterator[tuple[str, np.ndarray, dict]]:
+                   ring: BufferRing | None = None, slices: bool = False
+                   ) -> Iterator[tuple[str, np.ndarray | Iterator[np.ndarray], dict]]:
     """(name, raw bits, report entry) in plan order, after `parents_stats`. With a `ring`, a yielded array's memory
-    is reused `depth` tensors later: the caller must be done with it by then."""
+    is reused `depth` tensors later: the caller must be done with it by then. With `slices`, a `streamed` tensor
+    comes as an iterator over its expert slices (`merge_slices`), to be consumed before the next tensor."""
     wanted = set(names) if names is not None else None
     todo = [tp for tp in plan.tensors if wanted is None or tp.name in wanted]
     stats = parents_stats(plan, todo, device)
@@ -358,7 +403,8 @@ def merged_tensors(plan: MergePlan, names: list[str] | None = None, device: str 
         a = plan.father.read_array(tp.name) if tp.carried != "mother" else None
         b = plan.mother.read_array(tp.name) if tp.carried != "father" else None
         base = plan.base.read_array(tp.name) if plan.base is not None and not tp.carried else None
-        tensor, row = merge_tensor(plan, tp, a, b, base, device, stats.get(tp.name), ring)
+        merge = merge_slices if slices and streamed(plan, tp) else merge_tensor
+        tensor, row = merge(plan, tp, a, b, base, device, stats.get(tp.name), ring)
         yield tp.name, tensor, row
 
 
@@ -396,6 +442,7 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                               metadata={"genome_hash": plan.genome.hash, "merge_method": plan.method})
     rows: dict[str, dict] = {}
     ring = BufferRing(depth=2)  # one tensor being written while the next is merged
+    by_name = {tp.name: tp for tp in plan.tensors}
     done, total = 0, sum(plan.source(tp).nbytes for tp in plan.tensors)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="darwin-write") as write_pool:
@@ -404,12 +451,16 @@ def merge_to_dir(plan: MergePlan, out: str | Path, device: str = "cpu", overwrit
                 specs = [(tp.name, plan.source(tp).dtype, plan.source(tp).shape)
                          for tp in plan.tensors if tp.shard == shard]
                 stream = writer.shard(shard, specs)
-                for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device, ring):
+                for name, tensor, row in merged_tensors(plan, [s[0] for s in specs], device, ring, slices=True):
                     if last_write is not None:
                         last_write.result()  # at most one tensor waits for the disk: memory stays bounded
-                    last_write = write_pool.submit(stream.write, name, tensor)
+                        last_write = None
+                    if isinstance(tensor, np.ndarray):
+                        last_write = write_pool.submit(stream.write, name, tensor)
+                    else:  # a streamed tensor: each slice merged into the ring and written before the next
+                        stream.write(name, tensor)
                     rows[name] = row
-                    done += tensor.nbytes
+                    done += plan.source(by_name[name]).nbytes
                     if progress is not None:
                         progress(done, total)
                 if last_write is not None:

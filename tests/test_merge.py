@@ -537,3 +537,34 @@ def test_parents_with_other_expert_layouts_merge_expert_by_expert(moe_layouts, t
     with pytest.raises(DarwinError, match="only in father"):
         plan_merge(father, Checkpoint(moe_layouts["mother", other]), v6(), method,
                    base=Checkpoint(moe_layouts["base", other]), strict=True)
+
+
+@pytest.mark.parametrize("method", ["darwin-v6", "dare-ties"])
+def test_large_fused_experts_stream_slice_by_slice_into_the_same_bytes(pico_checkpoint, tmp_path, monkeypatch,
+                                                                       method):
+    """A fused expert tensor over STREAM_BYTES is merged and written one expert slice at a time (its memory a
+    slice's): the child is byte for byte the one merged whole, the dead expert's slice the live parent's."""
+    from darwin.prescribe import ParentSignals
+
+    father, mother, base = (Checkpoint(pico_checkpoint("gemma4_moe_text", perturb=p)) for p in (1, 2, None))
+    signals = ParentSignals(dead_experts={1: {2}})
+    children, slice_sizes = {}, []
+    real = engine.merge_slices
+
+    def watched(plan, tp, a, *args):
+        pieces, row = real(plan, tp, a, *args)
+        slice_sizes.append(a[0].nbytes)
+        return pieces, row
+
+    for label, threshold in (("whole", 1 << 40), ("sliced", 0)):
+        monkeypatch.setattr(engine, "STREAM_BYTES", threshold)
+        monkeypatch.setattr(engine, "merge_slices", watched)
+        plan = plan_merge(father, mother, v6(merge_method_weight=0.7), method, base=base, signals_b=signals)
+        children[label] = merge_to_dir(plan, tmp_path / label)
+    fused = [n for n, info in father.tensors.items() if len(info.shape) == 3 and ".experts." in n]
+    assert len(slice_sizes) == len(fused) > 0  # the sliced run alone streamed, every fused tensor
+    assert all_bytes(children["sliced"]) == all_bytes(children["whole"])
+    report = json.loads((children["sliced"] / "merge_report.json").read_text())
+    assert report["dead_experts_from"] == {"1": {"2": "father"}}
+    assert report == {**json.loads((children["whole"] / "merge_report.json").read_text()),
+                      "seconds": report["seconds"]}
