@@ -139,7 +139,7 @@ def _child(kind: str, model: str, out: str) -> None:
         checkpoint = Checkpoint(model)
         rows = [row for shard in checkpoint.shards for row in mri.profile_shard(checkpoint, shard)]
     else:
-        from flows.profile import profile_flow
+        from flows.mri import profile_flow
 
         started = time.perf_counter()
         profile_flow(model, out)

@@ -1,5 +1,5 @@
 /*
- * The merge's hot loop on CPU: SPEC.md's counter-based mask bits and a merge form, fused into one pass over a
+ * The merge's hot loop on CPU: docs/method.md's counter-based mask bits and a merge form, fused into one pass over a
  * chunk, with the GIL released so chunks run in parallel threads. Values are float32, bfloat16 or float16 in memory
  * (read and written here directly, so no conversion pass runs per chunk) and computed in float32.
  *

@@ -1,4 +1,4 @@
-"""The run config of `darwin evolve CONFIG.yaml`: SPEC.md's exact keys and defaults, validated once.
+"""The run config of `darwin evolve CONFIG.yaml`: the keys and defaults README lists, validated once.
 
 Unknown keys, wrong types and out-of-range values are one clear error (naming every bad key) before any work.
 """
@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from darwin.errors import DarwinError
 from darwin.evaluate import EvalOptions
+from darwin.genome import VERSIONS
+from darwin.merge import METHODS
+from darwin.quantize import SCHEMES
 from darwin.quantize.calibration import Calibration, calibration_set
 from darwin.runtime import DEVICE_PATTERN
 from darwin.vllm_engine import VLLMSettings
@@ -81,11 +84,11 @@ class Heldout(_Strict):
 class Health(_Strict):
     interference: float = Field(1.5, gt=1.0)
     function_loss: float = Field(0.5, gt=0.0, lt=1.0)
-    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0 is SPEC's rule exactly
+    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0 is docs/method.md's rule exactly
 
 
 class Release(_Strict):
-    scheme: Literal["mfp4", "nvfp4a16"] | None = None
+    scheme: str | None = None  # a name in darwin.quantize.SCHEMES
     dest: str | None = None
     # mfp4's calibration set (darwin.quantize.calibration): a text file or an lm-eval task; null: the probe prompts
     calibration: str | None = None
@@ -93,7 +96,7 @@ class Release(_Strict):
     calibration_seq_len: int = Field(512, ge=1)
 
     def calibration_set(self) -> Calibration | None:
-        if self.scheme != "mfp4":
+        if self.scheme is None or not SCHEMES[self.scheme].calibrated:
             return None
         return calibration_set(self.calibration, self.calibration_samples, self.calibration_seq_len)
 
@@ -108,8 +111,8 @@ class RunConfig(_Strict):
     father: str
     mother: str
     base: str | None = None
-    method: Literal["darwin-v5", "darwin-v6", "dare-ties"] = "darwin-v5"
-    genome: Literal["v5", "v6"] = "v5"
+    method: str = "darwin-v5"  # a name in darwin.merge.METHODS
+    genome: str = "v5"  # a name in darwin.genome.VERSIONS
     blocks: int = Field(6, ge=1, le=64)
     seed: int = Field(0, ge=0)
     phase1: Phase1 = Phase1()
@@ -121,19 +124,25 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.method == "darwin-v5" and self.genome != "v5":
-            raise ValueError("method darwin-v5 needs genome: v5")
-        if self.method == "darwin-v6" and self.genome != "v6":
-            raise ValueError("method darwin-v6 needs genome: v6")
-        if self.method == "dare-ties" and not self.base:
-            raise ValueError("method dare-ties needs base: the shared base model")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.genome not in VERSIONS:
+            raise ValueError(f"unknown genome {self.genome!r} (choose from {', '.join(VERSIONS)})")
+        method = METHODS[self.method]
+        if method.genome and self.genome != method.genome:
+            raise ValueError(f"method {self.method} needs genome: {method.genome}")
+        if method.needs_base and not self.base:
+            raise ValueError(f"method {self.method} needs base: the shared base model")
         if self.heldout.split == self.phase2.split:
             raise ValueError(f"phase2.split and heldout.split are both {self.phase2.split!r}: the search would tune on "
                              "the split it is judged on (set heldout.split to another split, or null for no report)")
-        if self.release.calibration and self.release.scheme != "mfp4":
-            raise ValueError("release.calibration is for scheme mfp4 (nvfp4a16 is round-to-nearest and takes none)")
+        if self.release.scheme is not None and self.release.scheme not in SCHEMES:
+            raise ValueError(f"unknown release.scheme {self.release.scheme!r} (choose from {', '.join(SCHEMES)})")
+        if self.release.calibration and not (self.release.scheme and SCHEMES[self.release.scheme].calibrated):
+            calibrated = ", ".join(name for name, spec in SCHEMES.items() if spec.calibrated)
+            raise ValueError(f"release.calibration is for scheme {calibrated} (round-to-nearest schemes take none)")
         if self.release.dest and not self.release.scheme:
-            raise ValueError("release.dest is set but release.scheme is not (mfp4 or nvfp4a16)")
+            raise ValueError(f"release.dest is set but release.scheme is not ({' or '.join(SCHEMES)})")
         return self
 
 

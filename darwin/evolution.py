@@ -74,7 +74,7 @@ def history_row(phase: int, generation: int, record: dict, proxies: dict[str, fl
 
 
 def heldout_report(results: dict[str, EvalResult], split: str) -> dict:
-    """summary.json's `heldout` section (SPEC "Search and scoring"): father's, mother's and child's scores per
+    """summary.json's `heldout` section (docs/method.md "Fitness and search"): father's, mother's and child's scores per
     task and fitness on `split`, and the child's exact McNemar p-value against each parent over every question of
     every task."""
     def flat(result: EvalResult) -> list[bool]:

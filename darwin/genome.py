@@ -1,6 +1,7 @@
 """Genomes: the merge recipe CMA-ES searches, its canonical hash, and the ratio it gives each tensor.
 
-V5 has six genes; V6 adds one ratio per layer block, `mri_trust` and `merge_method_weight` (SPEC.md "Genome").
+V5 has six genes; V6 adds one ratio per layer block, `mri_trust` and `merge_method_weight` (docs/method.md "Genome"); each
+version's genes and prescription rules are one `GenomeVersion` record in VERSIONS.
 Gene values are rounded to 8 decimals on construction, so the hash names exactly the recipe that is merged.
 """
 
@@ -25,14 +26,36 @@ KIND_GENE = {
 DECIMALS = 8
 
 
+@dataclass(frozen=True)
+class GenomeVersion:
+    """A genome version (docs/method.md "Genome"): its genes and the prescription rules that read them (darwin.prescribe,
+    darwin.mri.static_score). A new version is one more record in VERSIONS."""
+
+    name: str
+    extra: tuple[str, ...]  # genes after the V5 genes and the block genes
+    per_block: bool  # one block_k gene per layer block
+    score_weights: tuple[float, float, float]  # static score: entropy, std, min(norm, 100)
+    thresholds: tuple[float, float]  # final ratio below: the father's tensor; above: the mother's
+    probes: bool  # the prescription weighs the probes' layer importance in (probes run before the search)
+
+
+VERSIONS = {version.name: version for version in (
+    GenomeVersion("v5", (), False, (0.5, 0.3, 0.002), (0.05, 0.95), False),
+    GenomeVersion("v6", V6_EXTRA, True, (0.3, 0.2, 0.002), (0.15, 0.85), True),
+)}
+
+
+def genome_version(version: str) -> GenomeVersion:
+    if version not in VERSIONS:
+        raise DarwinError(f"unknown genome version {version!r} ({' or '.join(VERSIONS)})")
+    return VERSIONS[version]
+
+
 def gene_names(version: str, blocks: int = 6) -> tuple[str, ...]:
-    if version == "v5":
-        return V5_GENES
-    if version == "v6":
-        if blocks < 1:
-            raise DarwinError(f"a v6 genome needs at least one block, got {blocks}")
-        return V5_GENES + tuple(f"block_{k}" for k in range(blocks)) + V6_EXTRA
-    raise DarwinError(f"unknown genome version {version!r} (v5 or v6)")
+    spec = genome_version(version)
+    if spec.per_block and blocks < 1:
+        raise DarwinError(f"a {version} genome needs at least one block, got {blocks}")
+    return V5_GENES + (tuple(f"block_{k}" for k in range(blocks)) if spec.per_block else ()) + spec.extra
 
 
 @dataclass(frozen=True)
@@ -42,10 +65,12 @@ class Genome:
 
     @classmethod
     def from_dict(cls, genes: Mapping[str, float]) -> Genome:
-        """Validate genes by their SPEC names; the version (and block count) follows from the names."""
+        """Validate genes by their names; the version (and block count) follows from the names."""
         genes = dict(genes)
         blocks = sum(1 for name in genes if name.startswith("block_"))
-        version = "v6" if blocks or any(name in genes for name in V6_EXTRA) else "v5"
+        # the version whose own genes these are (block genes, or genes beyond V5's); V5 otherwise
+        version = next((v.name for v in VERSIONS.values()
+                        if (v.per_block and blocks) or any(name in genes for name in v.extra)), "v5")
         expected = gene_names(version, blocks)
         missing = [name for name in expected if name not in genes]
         unknown = [name for name in genes if name not in expected]

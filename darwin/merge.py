@@ -6,11 +6,11 @@ statistics of a shard's tensors (all threads), then merges tensor by tensor into
 thread writes the previous tensor. Masks come from `darwin.masks` (counter-based), so the same genome gives the
 same bytes on any device, worker or order.
 
-Forms (SPEC.md "Merge"), with r the tensor's final ratio:
+Forms (docs/method.md "Merge forms"), with r the tensor's final ratio:
 - darwin (father A is the base):  A + (B - A) * keep_b * r
 - dare-ties (explicit base C):    task vectors A-C, B-C; DARE drop with density_a / density_b and rescale by
   1/density; weights w_a = min(1, 2(1-r)), w_b = min(1, 2r); TIES sign election by the sign of the weighted sum;
-  the agreeing weighted deltas summed (SPEC's weighted sum: mergekit's dare_ties with `normalize: false`). So r
+  the agreeing weighted deltas summed (the weighted sum: mergekit's dare_ties with `normalize: false`). So r
   walks from the father (r=0) through task arithmetic C + (A-C) + (B-C) under TIES (r=0.5) to the mother (r=1);
   r=0.75 is C + 0.5(A-C) + (B-C). Weights (1-r, r) could only interpolate, never add two skills.
 - V6 genomes blend: w * form + (1 - w) * (A + (B - A) * r), w = merge_method_weight.
@@ -124,10 +124,14 @@ def dare_ties_kernel(out, a, b, base, start, seed, r, density_a, density_b, blen
 
 @dataclass(frozen=True)
 class Method:
-    form: Callable  # torch, on any device
-    kernel: Callable  # the same form fused with the mask bits and the V6 blend, on CPU
+    """A merge method: the run config's `method` and `darwin merge --method` name one of METHODS. A new method is
+    one more record: its torch form is enough (the fused CPU kernel is an option; without one the CPU runs the
+    torch form on float32 chunks, as CUDA does)."""
+
+    form: Callable  # torch, on any device: (a, b, base, keep_a, keep_b, r, density_a, density_b) -> merged
+    kernel: Callable | None  # the same form fused with the mask bits and the V6 blend, on CPU (_kernels.c)
     needs_base: bool
-    genome: str | None  # the genome version the method requires (None: either)
+    genome: str | None  # the genome version the method requires (None: any)
 
 
 METHODS = {
@@ -242,7 +246,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_base = base.reshape(-1) if base is not None else None
     out = ring.take(a.size, a.dtype) if ring is not None else np.empty(a.size, dtype=a.dtype)
-    fused = device == "cpu" and _kernels is not None
+    fused = device == "cpu" and _kernels is not None and spec.kernel is not None
     # raw bits in and out of the kernel with no torch op per chunk
     direct = fused and code in KERNEL_DTYPES and set(codes) == {code}
     workers = cpu_threads()

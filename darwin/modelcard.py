@@ -35,16 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from darwin.quantize import SCHEMES
+
 ROLES = ("father", "mother", "child")
-SCHEME_SERVE = {
-    "mfp4": ("--quantization modelopt_fp4",
-             ("NVIDIA ModelOpt, calibrated; NVFP4 on the MLP and expert linears only: attention, linear attention, "
-             "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM `--quantization modelopt_fp4`)")),
-    "nvfp4a16": ("",
-                 ("weight-only round-to-nearest, compressed-tensors `nvfp4-pack-quantized`: linear attention, "
-                 "routers, embeddings, lm_head, norms, vision and MTP stay BF16 (vLLM reads the format from "
-                  "config.json)")),
-}
 # routed experts stored fused (3-D) are released per expert: the names vLLM loads quantized experts from
 PER_EXPERT = ("Routed experts stored fused in the child (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are "
               "released per expert (`mlp.experts.N.gate_proj` / `up_proj` / `down_proj`), each with its own scales.")
@@ -176,8 +169,8 @@ def _quantization(info: dict) -> str:
     rows = [[q.get("scheme"), f"`{q.get('path', '')}`", q.get("quantized"), q.get("kept"),
              _size(q.get("size_before")), _size(q.get("size_after")), q.get("max_abs_error"),
              q.get("mean_abs_error"), q.get("rel_fro_error")] for q in info["quantization"]]
-    legend = "\n".join(f"- `{scheme}`: {text}" for scheme, (_, text) in SCHEME_SERVE.items()
-                       if any(q.get("scheme") == scheme for q in info["quantization"]))
+    legend = "\n".join(f"- `{name}`: {scheme.card}" for name, scheme in SCHEMES.items()
+                       if any(q.get("scheme") == name for q in info["quantization"]))
     if any(q.get("per_expert") for q in info["quantization"]):
         legend += "\n\n" + PER_EXPERT
     return ("## Quantization\n\nNVFP4: E2M1 values, an FP8 E4M3 scale per 16 weights, an FP32 global scale. "
@@ -198,7 +191,7 @@ def _usage(info: dict) -> str:
     child = inside(info.get("child_path")) if ("child_path" in info and not alone) or not quantized else None
     serve = [f"vllm serve {child}   # BF16"] if child else []
     for q in quantized:
-        flag = SCHEME_SERVE.get(q.get("scheme"), ("", ""))[0]
+        flag = SCHEMES[q["scheme"]].vllm_flag if q.get("scheme") in SCHEMES else ""
         serve.append(f"vllm serve {inside(q.get('path'))}" + (f" {flag}" if flag else "") + f"   # {q.get('scheme')}")
     out = ["## Usage"]
     if info.get("location"):
@@ -208,10 +201,10 @@ def _usage(info: dict) -> str:
                "```bash\n" + "\n".join(serve) + "\n```")
     # transformers 5.23 dequantizes NVFP4 experts without their global scale (its CompressedTensorsDequantize
     # passes weight_packed and weight_scale only) and loads wrong weights without a warning
-    loadable = child or next((inside(q.get("path")) for q in quantized if q.get("scheme") == "nvfp4a16"
-                              and not q.get("experts")), None)
-    if any(q.get("scheme") == "nvfp4a16" and q.get("experts") for q in quantized):
-        out.append("The nvfp4a16 experts are for vLLM: transformers (5.23) loads NVFP4 experts without their global "
+    loads = [q for q in quantized if q.get("scheme") in SCHEMES and SCHEMES[q["scheme"]].transformers_loads]
+    loadable = child or next((inside(q.get("path")) for q in loads if not q.get("experts")), None)
+    for scheme in dict.fromkeys(q["scheme"] for q in loads if q.get("experts")):
+        out.append(f"The {scheme} experts are for vLLM: transformers (5.23) loads NVFP4 experts without their global "
                    "scale, so its expert weights would be wrong.")
     if loadable:
         out.append("transformers (the BF16 child, or nvfp4a16 with compressed-tensors installed):\n\n```python\n"

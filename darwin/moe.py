@@ -5,7 +5,7 @@ Per decoder layer and expert, over the real (non-pad) tokens of the calibration 
   share is top_k / num_experts);
 - `entropy` = H = -sum_i p_i log2 p_i of the router softmax p, in bits, averaged over tokens (one value per layer,
   repeated on its expert rows);
-- `dead` = frequency < 0.05 * top_k / num_experts (below 5% of the uniform share: SPEC.md's rule).
+- `dead` = frequency < 0.05 * top_k / num_experts (below 5% of the uniform share: docs/method.md's rule).
 
 Router outputs are read with forward hooks on the router modules, so the top-k is exactly the one transformers
 routes with: `Qwen3MoeTopKRouter` / `Qwen3_5MoeTopKRouter` (`mlp.gate`) return (logits, top-k weights, top-k

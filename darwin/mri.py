@@ -1,4 +1,4 @@
-"""Phase 0, static MRI: per-tensor norm, std and entropy, and the static scores of SPEC.md.
+"""Phase 0, static MRI: per-tensor norm, std and entropy, and the static scores of docs/method.md.
 
 `norm` is the Frobenius norm, `std` the unbiased standard deviation (0 for a single element, where torch.std is
 undefined), `entropy` the Shannon entropy in bits of a 256-bin histogram over [min, max] (0 for a constant tensor,
@@ -19,7 +19,8 @@ import numpy as np
 
 from darwin.checkpoint import Checkpoint, dtype_name, st_dtype, to_torch
 from darwin.experts import expert_slices
-from darwin.report import png, read_table, write_table
+from darwin.genome import genome_version
+from darwin.report import png, write_table
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made, torch where a tensor is: `darwin merge` starts without
     import pandas as pd
@@ -33,7 +34,6 @@ except ImportError:  # no C compiler at install time: bincount instead
 BINS = 256
 PROFILE_HINT = "run `darwin profile` first"
 COLUMNS = ["name", "shard", "kind", "block", "expert", "dtype", "shape", "numel", "norm", "std", "entropy"]
-SCORE_WEIGHTS = {"v5": (0.5, 0.3, 0.002), "v6": (0.3, 0.2, 0.002)}  # entropy, std, min(norm, 100)
 
 
 PATTERNS = 1 << 16
@@ -131,7 +131,7 @@ def _stats_from_pattern_counts(counts: np.ndarray, code: str) -> dict[str, float
 
 
 def static_score(stats: dict[str, float], version: str) -> float:
-    w_entropy, w_std, w_norm = SCORE_WEIGHTS[version]
+    w_entropy, w_std, w_norm = genome_version(version).score_weights
     return stats["entropy"] * w_entropy + stats["std"] * w_std + min(stats["norm"], 100.0) * w_norm
 
 
@@ -170,10 +170,6 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 def write_profile(frame: pd.DataFrame, out: Path) -> Path:
     """`mri.parquet` plus `mri.png` (layer x kind heatmaps of entropy and std), each written atomically."""
     return write_table(frame, out, "mri", heatmap_png(frame))
-
-
-def read_profile(path: Path) -> pd.DataFrame:
-    return read_table(path, "mri", PROFILE_HINT)
 
 
 def layer_table(frame: pd.DataFrame, column: str) -> pd.DataFrame:

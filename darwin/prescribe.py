@@ -1,4 +1,4 @@
-"""Prescription: from the parents' MRI to each tensor's final ratio and transplant decision (SPEC.md).
+"""Prescription: from the parents' MRI to each tensor's final ratio and transplant decision (docs/method.md "Prescription").
 
 V5: static scores `entropy*0.5 + std*0.3 + min(norm,100)*0.002`, `final = 0.7*mri + 0.3*genome`, transplant
 below 0.05 / above 0.95. V6: static scores with weights 0.3/0.2/0.002, `combined = static*0.4 + probe*0.6` where
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from darwin.experts import expert_slices
+from darwin.genome import genome_version
 from darwin.mri import static_score
 
-THRESHOLDS = {"v5": (0.05, 0.95), "v6": (0.15, 0.85)}
 # Part of every fitness cache key: bump when a change to the prescription, the static scores or a merge form
 # changes what a genome merges to.
 RULES_VERSION = 1
@@ -44,7 +44,7 @@ def tensor_mri_ratio(stats_a: dict, stats_b: dict, version: str, block: int | No
     """(mri_ratio, probe score of A, probe score of B) for one tensor."""
     score_a, score_b = static_score(stats_a, version), static_score(stats_b, version)
     probe_a = probe_b = None
-    if version == "v6" and block is not None and signals_a.probe and signals_b.probe:
+    if genome_version(version).probes and block is not None and signals_a.probe and signals_b.probe:
         probe_a, probe_b = signals_a.probe.get(block), signals_b.probe.get(block)
         if probe_a is not None and probe_b is not None:
             score_a, score_b = combined_score(score_a, probe_a), combined_score(score_b, probe_b)
@@ -56,7 +56,7 @@ def final_ratio(mri: float, genome_ratio: float, trust: float) -> float:
 
 
 def transplant(final: float, version: str) -> str | None:
-    low, high = THRESHOLDS[version]
+    low, high = genome_version(version).thresholds
     if final < low:
         return "father"
     if final > high:
@@ -92,5 +92,5 @@ def load_signals(probe_dir: str | None) -> ParentSignals:
         raise DarwinError(f"neither probes.parquet nor routing.parquet in {directory} (run `darwin probe` first)")
     return ParentSignals(
         probe=probes.probe_scores(pd.read_parquet(importance)) if importance.exists() else None,
-        dead_experts=moe.dead_expert_map(pd.read_parquet(routing)) if routing.exists() else None,
+        dead_experts=moe.dead_expert_map(moe.read_routing(routing)) if routing.exists() else None,
     )

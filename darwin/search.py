@@ -81,7 +81,7 @@ class Search:
         return float(self._es.sigma)
 
     def follow_on(self, popsize: int, sigma0: float, best: list[list[float]]) -> Search:
-        """The next phase (SPEC "Search and scoring"): a fresh covariance centred on this phase's best genome
+        """The next phase (docs/method.md "Fitness and search"): a fresh covariance centred on this phase's best genome
         (`best[0]`; with none, this phase's mean) with step size max(this phase's sigma, `sigma0`), and a first
         generation that evaluates the `best` distinct genomes as they are, at most half of it. A Phase 1 of
         200 x 20 ends at sigma ~1e-3: carried over as it was, Phase 2's real merges were one genome to three

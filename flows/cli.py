@@ -20,12 +20,12 @@ from importlib import metadata
 # How Prefect's temporary server says it did not start in time (prefect/server/api/server.py)
 PREFECT_START_FAILED = "Timed out while attempting to connect to ephemeral Prefect API server"
 COMMANDS = {
-    "profile": ("flows.profile", "Phase 0: per-tensor MRI of a model (norm, std, entropy), fanned out per shard"),
+    "profile": ("flows.mri", "Phase 0: per-tensor MRI of a model (norm, std, entropy), fanned out per shard"),
     "merge": ("flows.merge", "merge two parents with a genome (darwin-v5, darwin-v6, dare-ties)"),
     "probe": ("flows.probe", "Phase 0: probe layer importance (and MoE routing) of a model"),
     "health": ("flows.health", "Phase 3: child against both parents, layer by layer"),
     "evolve": ("flows.evolve", "the whole run from a config: MRI, CMA-ES phases 1 and 2, health, release"),
-    "quantize": ("flows.release", "release: MFP4 (ModelOpt) or NVFP4A16 (compressed-tensors) with roundtrip report"),
+    "quantize": ("flows.quantize", "release: MFP4 (ModelOpt) or NVFP4A16 (compressed-tensors) with roundtrip report"),
     "publish": ("flows.publish", "upload a run or model with model card and manifest to s3:// or a path"),
     "demo": ("flows.demo", "build demo parents and run the whole pipeline offline; the child beats both"),
 }

@@ -26,15 +26,15 @@ from darwin.checkpoint import Checkpoint
 from darwin.config import RunConfig, load_config, parse_config
 from darwin.errors import DarwinError
 from darwin.evaluate import TaskSet, check_chat_template, prepared_tasks
-from darwin.genome import Genome
+from darwin.genome import VERSIONS, Genome
 from darwin.merge import load_mri
 from darwin.report import write_json
 from darwin.runtime import pick_device
 from darwin.search import Search, heuristic_fitness, prescription_by_gene
 from flows.health import health_flow
-from flows.profile import profile_flow
+from flows.mri import profile_flow
 from flows.publish import publish_flow
-from flows.release import release_flow
+from flows.quantize import release_flow
 from tasks.evolve import default_workers, evaluate_candidate, record_generation, report_evolution, \
     run_heuristic_phase, score_heldout, start_progress
 from tasks.merge import merge_child
@@ -122,7 +122,7 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     probes, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
     for role, checkpoint in (("father", father), ("mother", mother)):
         out = str(layout.path("probes", role))
-        if cfg.genome == "v6":
+        if VERSIONS[cfg.genome].probes:
             with on_gpu(device):
                 probe_model(checkpoint.source, out, device=device, label=role)
             probed[role] = out

@@ -21,7 +21,8 @@ from darwin.probes import load_probes, read_importance
 from darwin.runtime import pick_device
 from flows.cli import device_type
 from tasks.policy import on_gpu
-from tasks.probe import health_check, probe_model
+from tasks.health import health_check
+from tasks.probe import probe_model
 
 FAIL_EXIT = 3
 

@@ -4,7 +4,7 @@
                  [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
                  [--device cpu|cuda] [--strict] [--allow-pickle] --out OUT
 
-Parents laid out differently merge by SPEC's pairing rules (a tensor one parent alone holds is carried from it,
+Parents laid out differently merge by the pairing rules of README's "Merging a release with its fine-tune" (a tensor one parent alone holds is carried from it,
 dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
 difference.
 
@@ -29,7 +29,7 @@ from flows.cli import device_type
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--father", required=True, help="parent A (the base of the darwin form)")
     parser.add_argument("--mother", required=True, help="parent B")
-    parser.add_argument("--genome", required=True, help="JSON file of genes by their SPEC names")
+    parser.add_argument("--genome", required=True, help="JSON file of genes by their names (docs/method.md)")
     parser.add_argument("--method", required=True, choices=list(METHODS))
     parser.add_argument("--base", help="the shared base model (dare-ties)")
     parser.add_argument("--mri-father", help="`darwin profile` output of the father (else computed on the fly)")

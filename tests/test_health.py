@@ -57,7 +57,7 @@ def test_flags_follow_the_thresholds():
 
 
 def test_spec_rule_by_default_and_an_opt_in_noise_floor():
-    """Layer 1 is near zero in all three (child 10x its parents); layer 2's child is at zero. SPEC's rule flags
+    """Layer 1 is near zero in all three (child 10x its parents); layer 2's child is at zero. The rule flags
     both; with noise 0.05 both sit below the floor (5% of the 0.5 peak) and nothing is flagged."""
     father = curves({0: 0.5, 1: 0.002, 2: 0.02})
     mother = curves({0: 0.5, 1: 0.001, 2: 0.02})

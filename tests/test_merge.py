@@ -30,7 +30,7 @@ def v6(**overrides):
 
 
 def reference_uniforms(genome_hash: str, name: str, numel: int):
-    """SPEC.md's mask numbers, written independently with numpy's wrapping uint64 arithmetic."""
+    """docs/method.md's mask numbers, written independently with numpy's wrapping uint64 arithmetic."""
     seed = np.uint64(int.from_bytes(hashlib.sha256(f"{genome_hash}:{name}".encode()).digest()[:8], "big"))
     with np.errstate(over="ignore"):
         z = seed + (np.arange(numel, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
@@ -568,3 +568,31 @@ def test_large_fused_experts_stream_slice_by_slice_into_the_same_bytes(pico_chec
     assert report["dead_experts_from"] == {"1": {"2": "father"}}
     assert report == {**json.loads((children["whole"] / "merge_report.json").read_text()),
                       "seconds": report["seconds"]}
+
+
+def test_a_method_is_one_record_in_the_registry(parents, tmp_path, monkeypatch):
+    """A new merge method is one record in METHODS, its torch form alone (no C kernel): the run config and
+    `darwin merge --method` take it, the CPU runs its form on float32 chunks, the report names it."""
+    from darwin.config import parse_config
+    from flows.cli import main
+
+    def midpoint(a, b, base, keep_a, keep_b, r, density_a, density_b):
+        return (a + b) * 0.5
+
+    monkeypatch.setitem(engine.METHODS, "midpoint", engine.Method(midpoint, None, needs_base=False, genome=None))
+    config = parse_config({"father": "f", "mother": "m", "method": "midpoint", "genome": "v6"})
+    assert (config.method, config.genome) == ("midpoint", "v6")
+    genome = tmp_path / "genome.json"
+    genome.write_text(json.dumps(V5))
+    assert main(["merge", "--father", str(parents["father"].path), "--mother", str(parents["mother"].path),
+                 "--genome", str(genome), "--method", "midpoint", "--out", str(tmp_path / "child")]) == 0
+    report = json.loads((tmp_path / "child" / "merge_report.json").read_text())
+    assert report["method"] == "midpoint"
+    merged = [name for name, row in report["tensors"].items() if row.get("transplant") is None
+              and not row.get("carried") and row.get("final_ratio")]
+    child = Checkpoint(tmp_path / "child")
+    for name in merged[:3]:
+        expected = ((parents["father"].read(name).float() + parents["mother"].read(name).float()) * 0.5)
+        assert torch.equal(child.read(name), expected.to(child.read(name).dtype)), name
+    with pytest.raises(DarwinError, match="unknown method 'mean'"):
+        parse_config({"father": "f", "mother": "m", "method": "mean"})

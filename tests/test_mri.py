@@ -11,7 +11,7 @@ from flows.cli import main
 
 
 def direct_stats(t: torch.Tensor) -> dict:
-    """An independent computation of SPEC.md's statistics, in float64 with numpy's histogram."""
+    """An independent computation of docs/method.md's statistics, in float64 with numpy's histogram."""
     import numpy as np
 
     x = t.double().numpy().reshape(-1)
@@ -70,7 +70,7 @@ def test_static_scores_follow_spec():
 def test_profile_flow_fans_out_per_shard(prefect_api, pico_checkpoint, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.profile import profile_flow
+    from flows.mri import profile_flow
 
     path = pico_checkpoint("qwen3_5")
     checkpoint = Checkpoint(path)

@@ -1,5 +1,5 @@
 """An official Qwen3.5 release (written straight with safetensors in the hub's layout) with a fine-tune of it saved by
-transformers, the pair users really have: the pairing rules of SPEC "Real checkpoints" in the merge, and Phase 2
+transformers, the pair users really have: the pairing rules (README's "Merging a release with its fine-tune") in the merge, and Phase 2
 in memory on that layout."""
 
 import json

@@ -91,7 +91,9 @@ def quantization_config(ignore: list[str]) -> dict:
     return config
 
 
-def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike, progress: Progress | None = None) -> Path:
+def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike, calibration: None = None, device: str = "cpu",
+                      progress: Progress | None = None) -> Path:
+    """Round-to-nearest, streamed on the CPU: no calibration set and no device (the arguments every scheme takes)."""
     ckpt = Checkpoint(model)
     check_source(ckpt)
     # vLLM and transformers quantize every Linear a pattern does not exclude, so every module kept BF16 that

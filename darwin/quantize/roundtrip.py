@@ -32,6 +32,7 @@ from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
 from darwin.experts import fused_sources
+from darwin.quantize import scheme_of
 
 BLOCK = 16
 # vLLM's packed_modules_mapping of these families: the parts of one fused kernel, sharing its per-tensor scale
@@ -62,23 +63,6 @@ def served_scales(modules: list[str], scale_of) -> dict[str, torch.Tensor]:
     return served
 
 
-@dataclass(frozen=True)
-class Layout:
-    packed: str
-    global_scale: str
-    global_is_divisor: bool
-    side: tuple[str, ...]  # other per-module tensors the format writes (counted in the size after)
-    convention: str
-
-
-LAYOUTS = {
-    "mfp4": Layout("weight", "weight_scale_2", False, ("weight_scale", "input_scale"),
-                   "w = e2m1 * weight_scale(fp8) * weight_scale_2; weight_scale_2 = amax / (6 * 448)"),
-    "nvfp4a16": Layout("weight_packed", "weight_global_scale", True, ("weight_scale",),
-                       "w = e2m1 * weight_scale(fp8) / weight_global_scale; weight_global_scale = 6 * 448 / amax"),
-}
-
-
 def decode_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                  global_is_divisor: bool, shape: tuple[int, ...]) -> torch.Tensor:
     """Float32 weights of shape `shape` from packed E2M1 codes, FP8 block scales and the per-tensor scale."""
@@ -95,9 +79,7 @@ def roundtrip_report(source_dir: str | os.PathLike, quantized_dir: str | os.Path
     """Per quantized tensor and overall, decoded as vLLM decodes it: max / mean absolute error, relative Frobenius
     error, bytes before and after; the tensors kept as they were (and whether they are bit-identical); the
     calibration set (mfp4: source, samples, seq_len). Written to quantized_dir/roundtrip.json."""
-    if scheme not in LAYOUTS:
-        raise DarwinError(f"unknown quantization scheme {scheme!r} (schemes: {', '.join(LAYOUTS)})")
-    layout = LAYOUTS[scheme]
+    layout = scheme_of(scheme).layout
     source, quantized = Checkpoint(source_dir), Checkpoint(quantized_dir)
     modules = [name.removesuffix("." + layout.packed) for name, info in quantized.tensors.items()
                if name.endswith("." + layout.packed) and info.dtype == "U8"

@@ -12,8 +12,7 @@ import argparse
 from prefect import flow
 
 from darwin.checkpoint import Checkpoint
-from darwin.errors import DarwinError
-from darwin.quantize import SCHEMES, check_source
+from darwin.quantize import SCHEMES, check_request, check_source
 from darwin.quantize.calibration import SAMPLES, SEQ_LEN, Calibration, calibration_set
 from darwin.runtime import pick_device
 from flows.cli import device_type
@@ -24,13 +23,13 @@ from tasks.release import quantize_model
 @flow(name="darwin-release", log_prints=True)
 def release_flow(model: str, scheme: str, out: str, calibration: Calibration | None = None,
                  device: str = "auto") -> str:
-    with on_gpu(device if scheme == "mfp4" else "cpu"):  # nvfp4a16 runs on the CPU: it takes no GPU slot
+    with on_gpu(device if SCHEMES[scheme].calibrated else "cpu"):  # round-to-nearest runs on the CPU, no GPU slot
         return quantize_model(model, scheme, out, calibration, device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local directory, hub id, or fsspec URL (s3://...) of the BF16 model")
-    parser.add_argument("--scheme", required=True, choices=SCHEMES, help="quantization scheme")
+    parser.add_argument("--scheme", required=True, choices=list(SCHEMES), help="quantization scheme")
     parser.add_argument("--calibration", metavar="FILE|TASK",
                         help="mfp4 calibration: a text file (one sample per line) or an lm-eval task name or YAML "
                              "(its documents); default: the 25 shipped probe prompts")
@@ -46,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     # Bad input fails here, in one line, before Prefect starts.
     calibration = None
-    if args.scheme == "mfp4":
+    if SCHEMES[args.scheme].calibrated:
         calibration = calibration_set(args.calibration, args.calibration_samples, args.calibration_seq_len)
     elif args.calibration:
-        raise DarwinError(f"calibration is for mfp4; {args.scheme} is round-to-nearest and takes none")
+        check_request(args.scheme, args.calibration)
     check_source(Checkpoint(args.model))
     pick_device(args.device)
     print(release_flow(args.model, args.scheme, args.out, calibration, args.device))
