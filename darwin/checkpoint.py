@@ -416,7 +416,8 @@ def language_model_config(config: dict) -> dict:
 
 def check_compatible(father: Checkpoint, mother: Checkpoint, base: Checkpoint | None = None, strict: bool = False,
                      limit: int = 5) -> None:
-    """Refuse parents that cannot be merged tensor by tensor, naming the first problems (README, "Merging a release with its fine-tune").
+    """Refuse parents that cannot be merged tensor by tensor, naming the first problems (README: "Merging a release
+    with its fine-tune").
 
     Allowed unless `strict`: tensors held by one parent only (carried), shared tensors that differ in dtype only
     (merged in float32), architectures that differ by the wrapper only when the language models agree. Always

@@ -84,7 +84,7 @@ class Heldout(_Strict):
 class Health(_Strict):
     interference: float = Field(1.5, gt=1.0)
     function_loss: float = Field(0.5, gt=0.0, lt=1.0)
-    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0 is docs/method.md's rule exactly
+    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0: the method's rule exactly
 
 
 class Release(_Strict):

@@ -20,7 +20,7 @@ import pandas as pd
 from darwin.evaluate import EvalResult
 from darwin.genome import gene_names
 from darwin.report import png, write_atomic, write_parquet
-from darwin.search import Search
+from darwin.search import Search, heuristic_fitness
 from darwin.stats import mcnemar
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
@@ -94,6 +94,18 @@ def write_history(rows: list[dict], path: Path) -> None:
     write_parquet(pd.DataFrame(rows), path)
 
 
+def search_summary(rows: list[dict], best: dict, genes: dict[str, float], top: list, spearman: dict) -> dict:
+    """summary.json's account of the search: the best genome with its fitness and scores, the top genomes, how well
+    each proxy ranked Phase 2, and how many genomes each phase evaluated (Phase 2's from the cache too)."""
+    return {
+        "best": {"genome": genes, "genome_hash": best["genome_hash"], "fitness": best["fitness"],
+                 "scores": {k.removeprefix("score:"): v for k, v in best.items() if k.startswith("score:")}},
+        "top_genomes": top, "proxy_spearman": spearman,
+        "evaluations": {"phase1": sum(r["phase"] == 1 for r in rows), "phase2": sum(r["phase"] == 2 for r in rows),
+                        "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
+    }
+
+
 def best_row(rows: list[dict], phase: int | None = None) -> dict:
     """The fittest genome of a phase (of the last phase that evaluated any when None); ties go to the first."""
     if phase is None:
@@ -147,3 +159,20 @@ def evolution_png(rows: list[dict]) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend()
     return png(fig)
+
+
+def heuristic_phase(state: PhaseState, steps: int, prescription: dict[str, float], layout: RunLayout) -> PhaseState:
+    """Phase 1 on the heuristic proxy (`darwin.search.heuristic_fitness`), saved after every generation; a resumed
+    run whose Phase 1 is done returns at once (history.parquet already holds its rows)."""
+    if state.search.generation >= steps:
+        return state
+    while state.search.generation < steps:
+        genomes = state.search.ask()
+        scores = [heuristic_fitness(g, prescription) for g in genomes]
+        state.rows += [history_row(1, state.search.generation, {
+            "genome_hash": g.hash, "genes": dict(g.genes), "fitness": s}, {"proxy_heuristic": s})
+            for g, s in zip(genomes, scores)]
+        state.search.tell(scores)
+        state.save(layout.state(1))
+    write_history(state.rows, layout.history)
+    return state

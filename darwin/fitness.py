@@ -3,8 +3,9 @@
 Each worker (a thread of the local task runner, or a Ray worker process) loads the father once as the skeleton,
 then overwrites its parameters tensor by tensor for every candidate: no checkpoint is written and nothing is
 allocated twice. With `phase2.backend: vllm` the worker holds a vLLM engine on the father instead and loads each
-candidate's merged tensors into it in place (darwin.vllm_engine). Results are cached on disk by everything that changes a score (`run_inputs`, genome_hash, tasks,
-limit), so a genome is never evaluated twice, across runs and across resumed runs too.
+candidate's merged tensors into it in place (darwin.vllm_engine). Results are cached on disk by everything that
+changes a score (`run_inputs`, genome_hash, tasks, limit), so a genome is never evaluated twice, across runs and
+across resumed runs too.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from darwin.checkpoint import Checkpoint, content_sha256, torch_dtype
 from darwin.evaluate import EvalOptions, EvalResult, TaskSet, evaluate, evaluate_lm, fitness_cache_key
 from darwin.genome import Genome
-from darwin.merge import load_mri, merge_into_model, merged_tensors, plan_merge
-from darwin.prescribe import RULES_VERSION, load_signals
+from darwin.merge import MergePlan, load_mri, merge_into_model, merged_tensors, plan_merge
+from darwin.prescribe import RULES_VERSION, ParentSignals, load_signals
 from darwin.runtime import CACHE_ROOT, pick_device
 from darwin.vllm_engine import VLLMEngine, VLLMSettings, engine_lm
 
@@ -49,6 +50,29 @@ class Parents:
     mri_mother: str | None = None
     probes_father: str | None = None
     probes_mother: str | None = None
+
+    def open(self) -> OpenParents:
+        """The parents' checkpoints (headers), MRI statistics and signals, read once per worker."""
+        return OpenParents(self.method, Checkpoint(self.father), Checkpoint(self.mother),
+                           Checkpoint(self.base) if self.base else None,
+                           (load_mri(self.mri_father), load_mri(self.mri_mother)),
+                           (load_signals(self.probes_father), load_signals(self.probes_mother)))
+
+
+@dataclass(frozen=True)
+class OpenParents:
+    """`Parents` opened: what a merge plan is made of."""
+
+    method: str
+    father: Checkpoint
+    mother: Checkpoint
+    base: Checkpoint | None
+    mri: tuple[dict, dict]
+    signals: tuple[ParentSignals, ParentSignals]
+
+    def plan(self, genome: Genome) -> MergePlan:
+        return plan_merge(self.father, self.mother, genome, self.method, base=self.base, mri_a=self.mri[0],
+                          mri_b=self.mri[1], signals_a=self.signals[0], signals_b=self.signals[1])
 
 
 class FitnessCache:
@@ -111,11 +135,8 @@ def _prepare(parents: Parents, device: str, options: EvalOptions):
     if _worker.key != parents or getattr(_worker, "model_device", None) != device or _worker.backend != backend:
         if getattr(_worker, "engine", None) is not None:
             _worker.engine.close()
-        father = Checkpoint(parents.father)
-        _worker.checkpoints = (father, Checkpoint(parents.mother),
-                               Checkpoint(parents.base) if parents.base else None)
-        _worker.mri = (load_mri(parents.mri_father), load_mri(parents.mri_mother))
-        _worker.signals = (load_signals(parents.probes_father), load_signals(parents.probes_mother))
+        _worker.parents = parents.open()
+        father = _worker.parents.father
         _worker.model = _worker.engine = None
         if options.backend == "vllm":
             from transformers import AutoTokenizer
@@ -173,9 +194,7 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
     device = pick_device(device)
     options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
     worker = _prepare(parents, device, options)
-    father, mother, base = worker.checkpoints
-    plan = plan_merge(father, mother, genome, parents.method, base=base, mri_a=worker.mri[0], mri_b=worker.mri[1],
-                      signals_a=worker.signals[0], signals_b=worker.signals[1])
+    plan = worker.parents.plan(genome)
     if worker.engine is not None:  # the merged tensors under their checkpoint names, into vLLM in place
         dtypes = {tp.name: plan.source(tp).dtype for tp in plan.tensors}
         worker.engine.load((name, dtypes[name], raw) for name, raw, _ in merged_tensors(plan))

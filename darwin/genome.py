@@ -1,7 +1,7 @@
 """Genomes: the merge recipe CMA-ES searches, its canonical hash, and the ratio it gives each tensor.
 
-V5 has six genes; V6 adds one ratio per layer block, `mri_trust` and `merge_method_weight` (docs/method.md "Genome"); each
-version's genes and prescription rules are one `GenomeVersion` record in VERSIONS.
+V5 has six genes; V6 adds one ratio per layer block, `mri_trust` and `merge_method_weight` (docs/method.md
+"Genome"); each version's genes and prescription rules are one `GenomeVersion` record in VERSIONS.
 Gene values are rounded to 8 decimals on construction, so the hash names exactly the recipe that is merged.
 """
 
@@ -28,8 +28,8 @@ DECIMALS = 8
 
 @dataclass(frozen=True)
 class GenomeVersion:
-    """A genome version (docs/method.md "Genome"): its genes and the prescription rules that read them (darwin.prescribe,
-    darwin.mri.static_score). A new version is one more record in VERSIONS."""
+    """A genome version (docs/method.md "Genome"): its genes and the prescription rules that read them
+    (darwin.prescribe, darwin.mri.static_score). A new version is one more record in VERSIONS."""
 
     name: str
     extra: tuple[str, ...]  # genes after the V5 genes and the block genes

@@ -5,8 +5,9 @@ A layer is flagged for
 - interference when child > interference * max(father, mother) (the child leans on it much more than either
   parent: the merge created a function neither parent had, usually weight conflict), and
 - function loss when child < function_loss * min(father, mother) (the child lost what both parents use).
-By default (`noise` 0) that is the rule of docs/method.md ("Health") exactly. Near-zero importances are partly noise (a layer whose skipping
-barely moves the output in any model), so a positive `noise` opts in to a floor: every value is first raised to
+By default (`noise` 0) that is the rule of docs/method.md ("Health") exactly. Near-zero importances are partly
+noise (a layer whose skipping barely moves the output in any model), so a positive `noise` opts in to a floor:
+every value is first raised to
 `floor = max(1e-3, noise * peak)`, where `peak` is the largest importance of any layer in any of the three models.
 A layer all three models barely use is then never flagged: function loss needs both parents above
 floor / function_loss, interference needs the child above interference x floor.

@@ -1,9 +1,9 @@
 """Counter-based random masks: the bits of element i depend only on (genome_hash, tensor name, i).
 
-docs/method.md ("Masks") fixes the generator: seed = first 8 bytes (big-endian) of sha256(genome_hash + ":" + name); for flat
-index i, z = splitmix64 finaliser of seed + (i + 1) * 0x9E3779B97F4A7C15. The top 24 bits drive the mother's mask,
-bits 16..39 the father's. Any chunking, thread split or device draws the same bits, so a merge is byte-identical
-on any worker in any order.
+docs/method.md ("Masks") fixes the generator: seed = first 8 bytes (big-endian) of sha256(genome_hash + ":" +
+name); for flat index i, z = splitmix64 finaliser of seed + (i + 1) * 0x9E3779B97F4A7C15. The top 24 bits drive
+the mother's mask, bits 16..39 the father's. Any chunking, thread split or device draws the same bits, so a merge
+is byte-identical on any worker in any order.
 
 torch has no unsigned 64-bit arithmetic, but int64 multiply and add wrap modulo 2^64 like uint64 does; only the
 right shifts differ (arithmetic), so they are masked back to logical shifts. On CPU the C kernel draws the same bits

@@ -1,4 +1,5 @@
-"""Prescription: from the parents' MRI to each tensor's final ratio and transplant decision (docs/method.md "Prescription").
+"""Prescription: from the parents' MRI to each tensor's final ratio and transplant decision (docs/method.md
+"Prescription").
 
 V5: static scores `entropy*0.5 + std*0.3 + min(norm,100)*0.002`, `final = 0.7*mri + 0.3*genome`, transplant
 below 0.05 / above 0.95. V6: static scores with weights 0.3/0.2/0.002, `combined = static*0.4 + probe*0.6` where

@@ -12,8 +12,10 @@ finished generation with no evaluation repeated, and ends as an uninterrupted ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -35,8 +37,15 @@ from flows.health import health_flow
 from flows.mri import profile_flow
 from flows.publish import publish_flow
 from flows.quantize import release_flow
-from tasks.evolve import default_workers, evaluate_candidate, record_generation, report_evolution, \
-    run_heuristic_phase, score_heldout, start_progress
+from tasks.evolve import (
+    default_workers,
+    evaluate_candidate,
+    record_generation,
+    report_evolution,
+    run_heuristic_phase,
+    score_heldout,
+    start_progress,
+)
 from tasks.merge import merge_child
 from tasks.policy import on_gpu
 from tasks.probe import probe_model, routing_stats
@@ -73,24 +82,23 @@ def _gather(futures, genomes: list[Genome]) -> list[dict]:
 
 
 def run_generations(phase: int, state: evolution.PhaseState, steps: int, config: RunConfig, run_dir: str,
-                    parents: fitness.Parents, tasks: TaskSet, limit: int | None, inputs: dict,
-                    prescription: dict, cache_dir: str | None) -> evolution.PhaseState:
+                    examined: Examined, limit: int | None, cache_dir: str | None) -> evolution.PhaseState:
     progress = start_progress(phase, steps, state.search.generation)
     while state.search.generation < steps:
         generation = state.search.generation
         genomes = state.search.ask()
         with _candidate_placement(config):
             futures = evaluate_candidate.map(
-                [dict(g.genes) for g in genomes], unmapped(parents), unmapped(tasks), unmapped(limit),
-                unmapped(config.phase2.batch_size), unmapped(config.phase2.device), unmapped(cache_dir),
-                unmapped(inputs))
+                [dict(g.genes) for g in genomes], unmapped(examined.parents), unmapped(examined.tasks),
+                unmapped(limit), unmapped(config.phase2.batch_size), unmapped(config.phase2.device),
+                unmapped(cache_dir), unmapped(examined.inputs))
         records = _gather(futures, genomes)
         for record in records:
             measured = fitness.prefix_score(record) if not record.get("failed") else None
             if phase == 1:  # the measured proxy is Phase 1's fitness
                 record = {**record, "fitness": measured if measured is not None else evolution.WORST_MARGIN}
             state.rows.append(evolution.history_row(phase, generation, record, {
-                "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), prescription),
+                "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), examined.prescription),
                 "proxy_measured": measured}))
         state.search.tell([row["fitness"] for row in state.rows[-len(records):]])
         record_generation(state, phase, generation, steps, run_dir, progress)
@@ -105,117 +113,143 @@ def proxy_rankings(rows: list[dict]) -> dict[str, float | None]:
             for name in ("proxy_heuristic", "proxy_measured")}
 
 
-@flow(name="darwin-evolve", log_prints=True)
-def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_dir: str | None = None) -> dict:
-    started = time.perf_counter()
-    cfg = parse_config(config)
-    layout = evolution.RunLayout(Path(run_dir))
-    seconds: dict[str, float] = {}
-    father, mother = Checkpoint(cfg.father), Checkpoint(cfg.mother)
-    base = Checkpoint(cfg.base) if cfg.base else None
-    device = cfg.phase2.device
+class Clock:
+    """Seconds per step of a run, for summary.json: `with clock("phase1"): ...`."""
 
-    # Phase 0: static MRI of both parents (per-shard fan-out); probes for a v6 genome (its prescription weighs them,
-    # whatever the method), MoE routing whenever a parent has experts (dead-expert transplant)
-    mri_father = profile_flow(father.source, str(layout.path("mri", "father")), device, "father")
-    mri_mother = profile_flow(mother.source, str(layout.path("mri", "mother")), device, "mother")
-    probes, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
-    for role, checkpoint in (("father", father), ("mother", mother)):
+    def __init__(self):
+        self.started, self.seconds = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = round(time.perf_counter() - mark, 2)
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self.started, 2)}
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What Phase 0 leaves the rest of the run."""
+
+    parents: fitness.Parents  # checkpoints with their MRI, probe and routing tables
+    probed: dict[str, str | None]  # role -> probe tables (the health check reuses them), None where none ran
+    prescription: dict[str, float]  # Phase 1's heuristic reads it
+    inputs: dict[str, str | None]  # what every fitness depends on besides genome and tasks
+    tasks: TaskSet
+    heldout_tasks: TaskSet | None
+
+
+def examine_parents(cfg: RunConfig, layout: evolution.RunLayout) -> Examined:
+    """Phase 0: static MRI of both parents (per-shard fan-out); probes where the genome version weighs them
+    (whatever the method), MoE routing whenever a parent has experts (dead-expert transplant)."""
+    device = cfg.phase2.device
+    sources = {"father": Checkpoint(cfg.father).source, "mother": Checkpoint(cfg.mother).source}
+    mri = {role: profile_flow(source, str(layout.path("mri", role)), device, role) for role, source in sources.items()}
+    signals, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
+    for role, source in sources.items():
         out = str(layout.path("probes", role))
         if VERSIONS[cfg.genome].probes:
             with on_gpu(device):
-                probe_model(checkpoint.source, out, device=device, label=role)
+                probe_model(source, out, device=device, label=role)
             probed[role] = out
         with on_gpu(device):
-            routed = routing_stats(checkpoint.source, out, device=device, label=role)
+            routed = routing_stats(source, out, device=device, label=role)
         if routed or probed[role]:
-            probes[role] = out
-    parents = fitness.Parents(father.source, mother.source, cfg.method, base.source if base else None,
-                              mri_father, mri_mother, probes["father"], probes["mother"])
+            signals[role] = out
+    parents = fitness.Parents(sources["father"], sources["mother"], cfg.method,
+                              Checkpoint(cfg.base).source if cfg.base else None, mri["father"], mri["mother"],
+                              signals["father"], signals["mother"])
+    father = Checkpoint(cfg.father)
     kinds = {name: father.kind(name)[0] for name in father.tensors}
-    prescription = prescription_by_gene(load_mri(mri_father), load_mri(mri_mother), kinds, cfg.genome)
-    inputs = fitness.run_inputs(parents)
     options = cfg.phase2.eval_options()
-    tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split, options)
-    heldout_tasks = prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split, options) if cfg.heldout.split else None
-    seconds["phase0"] = time.perf_counter() - started
+    return Examined(parents, probed,
+                    prescription_by_gene(load_mri(mri["father"]), load_mri(mri["mother"]), kinds, cfg.genome),
+                    fitness.run_inputs(parents), prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split, options),
+                    prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split, options) if cfg.heldout.split
+                    else None)
 
-    # Phase 1: CMA-ES on a proxy
-    mark = time.perf_counter()
+
+def search_phase1(cfg: RunConfig, run_dir: str, examined: Examined, cache_dir: str | None) -> evolution.PhaseState:
+    """Phase 1: CMA-ES on a proxy, the heuristic formula (one task) or measured on each task's first questions."""
+    layout = evolution.RunLayout(Path(run_dir))
     phase1 = evolution.PhaseState.load(layout.state(1)) or evolution.PhaseState(
         1, Search(cfg.genome, cfg.blocks, cfg.phase1.popsize, cfg.seed), [])
     if cfg.phase1.proxy == "heuristic":
-        phase1 = run_heuristic_phase(phase1, cfg.phase1.steps, prescription, run_dir)
-    else:
-        limit = min(fitness.MEASURED_LIMIT, cfg.phase2.limit or fitness.MEASURED_LIMIT)
-        phase1 = run_generations(1, phase1, cfg.phase1.steps, cfg, run_dir, parents, tasks, limit,
-                                 inputs, prescription, cache_dir)
-    seconds["phase1"] = time.perf_counter() - mark
+        return run_heuristic_phase(phase1, cfg.phase1.steps, examined.prescription, run_dir)
+    limit = min(fitness.MEASURED_LIMIT, cfg.phase2.limit or fitness.MEASURED_LIMIT)
+    return run_generations(1, phase1, cfg.phase1.steps, cfg, run_dir, examined, limit, cache_dir)
 
-    # Phase 2: CMA-ES from Phase 1's best genome, its best distinct genomes evaluated first, on real merges and lm-eval
-    mark = time.perf_counter()
+
+def search_phase2(cfg: RunConfig, run_dir: str, examined: Examined, phase1: evolution.PhaseState,
+                  cache_dir: str | None) -> evolution.PhaseState:
+    """Phase 2: CMA-ES from Phase 1's best genome, its best distinct genomes evaluated first, on real merges and
+    lm-eval."""
+    layout = evolution.RunLayout(Path(run_dir))
     phase2 = evolution.PhaseState.load(layout.state(2)) or evolution.PhaseState(
         2, phase1.search.follow_on(cfg.phase2.popsize, cfg.phase2.sigma0, evolution.distinct_best(
             phase1.rows, 1, cfg.genome, cfg.blocks, cfg.phase2.popsize // 2)), list(phase1.rows))
-    phase2 = run_generations(2, phase2, cfg.phase2.steps, cfg, run_dir, parents, tasks, cfg.phase2.limit,
-                             inputs, prescription, cache_dir)
-    rows = phase2.rows
-    seconds["phase2"] = time.perf_counter() - mark
-    spearman = proxy_rankings(rows)
-    top = report_evolution(rows, cfg.genome, cfg.blocks, run_dir, spearman)
+    return run_generations(2, phase2, cfg.phase2.steps, cfg, run_dir, examined, cfg.phase2.limit, cache_dir)
 
-    # The best child, merged to disk once, then Phase 3
-    mark = time.perf_counter()
-    best = evolution.best_row(rows)
-    genes = evolution.genes_of(best, cfg.genome, cfg.blocks)
-    with on_gpu(device):
-        best_dir = merge_child(parents.father, parents.mother, genes, cfg.method, str(layout.path("best")),
-                               parents.base, mri_father, mri_mother, probes["father"], probes["mother"],
-                               pick_device(device))
-    seconds["best"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    health = health_flow(best_dir, parents.father, parents.mother, str(layout.path("health")),
-                         cfg.health.interference, cfg.health.function_loss, device=device,
-                         father_probes=probed["father"], mother_probes=probed["mother"], noise=cfg.health.noise)
-    seconds["health"] = time.perf_counter() - mark
 
-    # The held-out report: father, mother and child on the split the search never scored
-    heldout = None
-    if heldout_tasks is not None:
-        mark = time.perf_counter()
-        models = {"father": parents.father, "mother": parents.mother, "child": best_dir}
-        with on_gpu(device):
-            futures = score_heldout.map(list(models), list(models.values()), unmapped(heldout_tasks),
-                                        unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size),
-                                        unmapped(device))
-        heldout = evolution.heldout_report({role: future.result() for role, future in zip(models, futures)},
-                                           cfg.heldout.split)
-        seconds["heldout"] = time.perf_counter() - mark
+def score_heldout_split(cfg: RunConfig, examined: Examined, child: str) -> dict | None:
+    """Father, mother and child on the split the search never scored, with McNemar p-values (None: no report)."""
+    if examined.heldout_tasks is None:
+        return None
+    models = {"father": examined.parents.father, "mother": examined.parents.mother, "child": child}
+    with on_gpu(cfg.phase2.device):
+        futures = score_heldout.map(list(models), list(models.values()), unmapped(examined.heldout_tasks),
+                                    unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size),
+                                    unmapped(cfg.phase2.device))
+    return evolution.heldout_report({role: future.result() for role, future in zip(models, futures)},
+                                    cfg.heldout.split)
 
-    # Release: quantize and publish, unless the health check failed (and nobody forced it)
-    release = {}
-    if cfg.release.scheme and (health["verdict"] == "pass" or force_release):
-        mark = time.perf_counter()
-        release["quantized"] = release_flow(best_dir, cfg.release.scheme,
-                                            str(layout.path("quantized", cfg.release.scheme)),
-                                            cfg.release.calibration_set(), device=device)
-        seconds["quantize"] = time.perf_counter() - mark
-    elif cfg.release.scheme:
+
+def quantize_child(cfg: RunConfig, layout: evolution.RunLayout, child: str, healthy: bool) -> dict:
+    """The release's quantized child (release.scheme), unless the health check failed and nobody forced it."""
+    if not cfg.release.scheme:
+        return {}
+    if not healthy:
         get_run_logger().warning("health check failed: release skipped (--force-release overrides)")
-    summary = {
-        "best": {"genome": genes, "genome_hash": best["genome_hash"], "fitness": best["fitness"],
-                 "scores": {k.removeprefix("score:"): v for k, v in best.items() if k.startswith("score:")}},
-        "top_genomes": top, "proxy_spearman": spearman, "heldout": heldout, "health": health["verdict"],
-        "evaluations": {"phase1": sum(r["phase"] == 1 for r in rows), "phase2": sum(r["phase"] == 2 for r in rows),
-                        "cached": sum(bool(r["cached"]) for r in rows if r["phase"] == 2)},
-        "best_dir": best_dir, "release": release, "seconds": {k: round(v, 2) for k, v in seconds.items()},
-    }
+        return {}
+    return {"quantized": release_flow(child, cfg.release.scheme, str(layout.path("quantized", cfg.release.scheme)),
+                                      cfg.release.calibration_set(), device=cfg.phase2.device)}
+
+
+@flow(name="darwin-evolve", log_prints=True)
+def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_dir: str | None = None) -> dict:
+    cfg, layout, clock = parse_config(config), evolution.RunLayout(Path(run_dir)), Clock()
+    with clock("phase0"):
+        examined = examine_parents(cfg, layout)
+    with clock("phase1"):
+        phase1 = search_phase1(cfg, run_dir, examined, cache_dir)
+    with clock("phase2"):
+        phase2 = search_phase2(cfg, run_dir, examined, phase1, cache_dir)
+    spearman = proxy_rankings(phase2.rows)
+    top = report_evolution(phase2.rows, cfg.genome, cfg.blocks, run_dir, spearman)
+    best = evolution.best_row(phase2.rows)
+    genes = evolution.genes_of(best, cfg.genome, cfg.blocks)
+    with clock("best"), on_gpu(cfg.phase2.device):  # the best child, merged to disk once
+        best_dir = merge_child(examined.parents, genes, str(layout.path("best")), pick_device(cfg.phase2.device))
+    with clock("health"):
+        health = health_flow(best_dir, examined.parents.father, examined.parents.mother, str(layout.path("health")),
+                             cfg.health.interference, cfg.health.function_loss, device=cfg.phase2.device,
+                             father_probes=examined.probed["father"], mother_probes=examined.probed["mother"],
+                             noise=cfg.health.noise)
+    with clock("heldout"):
+        heldout = score_heldout_split(cfg, examined, best_dir)
+    with clock("quantize"):
+        release = quantize_child(cfg, layout, best_dir, health["verdict"] == "pass" or force_release)
+    summary = {**evolution.search_summary(phase2.rows, best, genes, top, spearman), "heldout": heldout,
+               "health": health["verdict"], "best_dir": best_dir, "release": release, "seconds": clock.total()}
     write_json(layout.path("summary.json"), summary)  # before publishing: the release and its card include it
     if cfg.release.dest and release:
-        mark = time.perf_counter()
-        release["manifest"] = publish_flow(run_dir, cfg.release.dest)
-        summary["seconds"]["publish"] = round(time.perf_counter() - mark, 2)
-    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+        with clock("publish"):
+            release["manifest"] = publish_flow(run_dir, cfg.release.dest)
+    summary["seconds"] = clock.total()
     write_json(layout.path("summary.json"), summary)
     return summary
 

@@ -4,8 +4,8 @@
                  [--mri-father DIR --mri-mother DIR] [--probes-father DIR --probes-mother DIR]
                  [--device cpu|cuda] [--strict] [--allow-pickle] --out OUT
 
-Parents laid out differently merge by the pairing rules of README's "Merging a release with its fine-tune" (a tensor one parent alone holds is carried from it,
-dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
+Parents laid out differently merge by the pairing rules of README's "Merging a release with its fine-tune" (a
+tensor one parent alone holds is carried from it, dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
 difference.
 
 This command calls the engine directly: on CPU it imports neither Prefect nor torch nor pandas, so it starts in

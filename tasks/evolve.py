@@ -7,15 +7,18 @@ import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
 
 from darwin import evolution, fitness
 from darwin.evaluate import EvalResult, TaskSet
 from darwin.genome import Genome
 from darwin.report import write_atomic
-from darwin.search import heuristic_fitness
 from tasks.policy import retry_unless_user_error
 
 
@@ -44,19 +47,7 @@ def score_heldout(role: str, model: str, tasks: TaskSet, limit: int | None, batc
 def run_heuristic_phase(state: evolution.PhaseState, steps: int, prescription: dict[str, float], run_dir: str
                         ) -> evolution.PhaseState:
     """Phase 1 on the cards' heuristic: thousands of formula evaluations, one task (no merge is involved)."""
-    layout = evolution.RunLayout(Path(run_dir))
-    if state.search.generation >= steps:
-        return state  # a resumed run: history.parquet already holds these rows and maybe Phase 2's after them
-    while state.search.generation < steps:
-        genomes = state.search.ask()
-        scores = [heuristic_fitness(g, prescription) for g in genomes]
-        state.rows += [evolution.history_row(1, state.search.generation, {
-            "genome_hash": g.hash, "genes": dict(g.genes), "fitness": s}, {"proxy_heuristic": s})
-            for g, s in zip(genomes, scores)]
-        state.search.tell(scores)
-        state.save(layout.state(1))
-    evolution.write_history(state.rows, layout.history)
-    return state
+    return evolution.heuristic_phase(state, steps, prescription, evolution.RunLayout(Path(run_dir)))
 
 
 @task(task_run_name="record-phase{phase}-generation{generation}", cache_policy=NO_CACHE)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from prefect import task
 
-from darwin.checkpoint import Checkpoint
+from darwin.fitness import Parents
 from darwin.genome import Genome
-from darwin.merge import existing_merge, load_mri, merge_to_dir, plan_merge
-from darwin.prescribe import load_signals
+from darwin.merge import existing_merge, merge_to_dir
 from tasks import tracked
 from tasks.policy import retry_unless_user_error
 
@@ -22,14 +21,10 @@ def _run_name() -> str:
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_run_name)
-def merge_child(father: str, mother: str, genes: dict, method: str, out: str, base: str | None = None,
-                mri_father: str | None = None, mri_mother: str | None = None, probes_father: str | None = None,
-                probes_mother: str | None = None, device: str = "cpu") -> str:
+def merge_child(parents: Parents, genes: dict, out: str, device: str = "cpu") -> str:
     genome = Genome.from_dict(genes)
-    if existing_merge(out, genome, method):
+    if existing_merge(out, genome, parents.method):
         return out
-    plan = plan_merge(Checkpoint(father), Checkpoint(mother), genome, method,
-                      base=Checkpoint(base) if base else None, mri_a=load_mri(mri_father), mri_b=load_mri(mri_mother),
-                      signals_a=load_signals(probes_father), signals_b=load_signals(probes_mother))
+    plan = parents.open().plan(genome)
     with tracked(f"merge {genome.hash[:12]}", f"merge-{genome.hash[:12]}", unit="B") as progress:
         return str(merge_to_dir(plan, Path(out), device=device, overwrite=True, progress=progress))

@@ -5,8 +5,8 @@ linears are quantized; linear attention, routers, embeddings, lm_head, norms, vi
 Qwen3.5-9B-heretic-NVFP4A16 card. Linears vLLM fuses into one kernel (q/k/v; gate/up, each expert's too) share one
 global scale, from the largest magnitude of all their parts, as llm-compressor writes them: vLLM applies one scale
 to the fused kernel, and parts with scales of their own would be decoded with another's. Routed experts stored
-fused (3-D) are quantized expert by expert, each with its own scales, and written per expert (`darwin.experts.expert_parts`:
-the layout vLLM's compressed-tensors MoE loader reads). compressed-tensors does the
+fused (3-D) are quantized expert by expert, each with its own scales, and written per expert
+(`darwin.experts.expert_parts`: the layout vLLM's compressed-tensors MoE loader reads). compressed-tensors does the
 numerics (global scale, FP8 block scales, E2M1 rounding and packing) and names the tensors: `weight_packed` (uint8,
 two E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_global_scale`
 (float32). Scale convention: w = e2m1 * weight_scale / weight_global_scale, with weight_global_scale =
