@@ -287,12 +287,14 @@ def test_buffer_ring_hands_memory_back_only_after_depth_takes():
 
 
 def test_merge_task_is_idempotent(parents, tmp_path):
+    from darwin.fitness import Parents
     from tasks.merge import merge_child
 
     out = tmp_path / "child"
-    merge_child.fn(str(parents["father"].path), str(parents["mother"].path), V5, "darwin-v5", str(out))
+    pair = Parents(str(parents["father"].path), str(parents["mother"].path), "darwin-v5")
+    merge_child.fn(pair, V5, str(out))
     stamp = (out / "merge_report.json").stat().st_mtime_ns
-    merge_child.fn(str(parents["father"].path), str(parents["mother"].path), V5, "darwin-v5", str(out))
+    merge_child.fn(pair, V5, str(out))
     assert (out / "merge_report.json").stat().st_mtime_ns == stamp
 
 

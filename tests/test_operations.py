@@ -25,6 +25,7 @@ from test_publish import MotoS3
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
+from darwin.fitness import Parents
 from tasks.merge import merge_child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +356,8 @@ def test_merge_fails_once_then_succeeds_on_retry(prefect_api, pico_family, tmp_p
     monkeypatch.setattr(tasks.merge, "merge_to_dir", flaky)
     out = tmp_path / "child"
     state = merge_child.with_options(retry_delay_seconds=0)(
-        str(pico_family["father"]), str(pico_family["mother"]), GENES, "darwin-v5", str(out), return_state=True)
+        Parents(str(pico_family["father"]), str(pico_family["mother"]), "darwin-v5"), GENES, str(out),
+        return_state=True)
     assert state.is_completed() and len(attempts) == 2
     assert json.loads((out / "merge_report.json").read_text())["genome_hash"]
     assert task_run_count(state) == 2
@@ -364,7 +366,8 @@ def test_merge_fails_once_then_succeeds_on_retry(prefect_api, pico_family, tmp_p
 def test_merge_user_error_is_not_retried(prefect_api, pico_family, pico_checkpoint, tmp_path):
     stranger = pico_checkpoint("llama")  # another architecture: the parents do not match
     state = merge_child.with_options(retry_delay_seconds=0)(
-        str(pico_family["father"]), str(stranger), GENES, "darwin-v5", str(tmp_path / "child"), return_state=True)
+        Parents(str(pico_family["father"]), str(stranger), "darwin-v5"), GENES, str(tmp_path / "child"),
+        return_state=True)
     assert state.is_failed()
     with pytest.raises(DarwinError):
         state.result()
@@ -376,11 +379,15 @@ def task_run_count(state) -> int:
     """How often the API says the task ran, once it has the run's final state: a task called outside a flow reports
     through events, which the server records a moment later."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         for _ in range(300):
-            run = client.read_task_run(state.state_details.task_run_id)
-            if run.state is not None and run.state.is_final() and run.run_count:
+            try:
+                run = client.read_task_run(state.state_details.task_run_id)
+            except ObjectNotFound:  # its first event not recorded yet
+                run = None
+            if run is not None and run.state is not None and run.state.is_final() and run.run_count:
                 return run.run_count
             time.sleep(0.1)
     raise AssertionError(f"the API never recorded the end of task run {state.state_details.task_run_id}")
