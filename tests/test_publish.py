@@ -307,14 +307,13 @@ def test_a_user_error_inside_the_flow_is_one_line(bucket, model_dir, tmp_path):
 
 
 def test_task_does_not_retry_a_missing_bucket(prefect_api, bucket, model_dir):
-    from prefect import get_client
+    from test_operations import task_run_count
 
     from tasks.publish import publish_release
 
     state = publish_release(str(model_dir), f"s3://no-such-{bucket}/x", return_state=True)
     assert state.is_failed()
-    with get_client(sync_client=True) as client:
-        assert client.read_task_run(state.state_details.task_run_id).run_count == 1
+    assert task_run_count(state) == 1
 
 
 def test_retry_policy_retries_interruptions_only():
