@@ -104,7 +104,7 @@ def test_a_hub_revision_resolves_through_huggingface_hubs_cache(pico_checkpoint,
 
 
 def test_fsspec_url_is_copied_once(pico_checkpoint, tmp_path, monkeypatch):
-    import darwin.checkpoint as ckpt
+    import darwin.checkpoint.location as ckpt
 
     monkeypatch.setattr(ckpt, "REMOTE_CACHE", tmp_path / "cache")
     url = "memory://models/llama"
