@@ -31,10 +31,7 @@ def torch_path(method: str, a, b, c, seed: int, r: float, da: float, db: float, 
         stop = min(a.numel(), start + masks.CHUNK)
         ca, cb, cc = (x[start:stop].float() for x in (a, b, c))
         keep_a, keep_b = masks.keep_masks(seed, start, stop, da if spec.needs_base else None, db, "cpu")
-        merged = spec.form(ca, cb, cc, keep_a, keep_b, r, da, db)
-        if blend != 1.0:
-            merged = merged * blend + (ca + (cb - ca) * r) * (1.0 - blend)
-        out[start:stop] = merged.to(CODES[code])
+        out[start:stop] = engine.torch_merge(spec, ca, cb, cc, keep_a, keep_b, r, da, db, blend).to(CODES[code])
     return out
 
 

@@ -15,7 +15,7 @@ from darwin.errors import DarwinError
 from darwin.evaluate import EvalOptions
 from darwin.genome import VERSIONS
 from darwin.merge import METHODS
-from darwin.quantize import SCHEMES
+from darwin.quantize import SCHEMES, calibrated_schemes
 from darwin.quantize.calibration import Calibration, calibration_set
 from darwin.runtime import DEVICE_PATTERN
 from darwin.vllm_engine import VLLMSettings
@@ -139,8 +139,8 @@ class RunConfig(_Strict):
         if self.release.scheme is not None and self.release.scheme not in SCHEMES:
             raise ValueError(f"unknown release.scheme {self.release.scheme!r} (choose from {', '.join(SCHEMES)})")
         if self.release.calibration and not (self.release.scheme and SCHEMES[self.release.scheme].calibrated):
-            calibrated = ", ".join(name for name, spec in SCHEMES.items() if spec.calibrated)
-            raise ValueError(f"release.calibration is for scheme {calibrated} (round-to-nearest schemes take none)")
+            raise ValueError(f"release.calibration is for scheme {calibrated_schemes()} (round-to-nearest schemes "
+                             "take none)")
         if self.release.dest and not self.release.scheme:
             raise ValueError(f"release.dest is set but release.scheme is not ({' or '.join(SCHEMES)})")
         return self

@@ -22,6 +22,7 @@ from darwin.checkpoint import Checkpoint, TensorInfo
 
 FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<part>gate_up_proj|down_proj)$")
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+EXPERT_PART = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")  # one expert's linear, per-expert layout
 
 
 def expert_slices(name: str, shape: tuple[int, ...]) -> list[int]:

@@ -141,6 +141,13 @@ METHODS = {
 }
 
 
+def torch_merge(spec: Method, a, b, base, keep_a, keep_b, r, density_a, density_b, blend):
+    """A method's torch form on float32 chunks, blended with A + (B - A) * r where a V6 genome's w < 1: the path
+    CUDA runs, and the CPU where a method has no kernel."""
+    merged = spec.form(a, b, base, keep_a, keep_b, r, density_a, density_b)
+    return merged if blend == 1.0 else merged * blend + (a + (b - a) * r) * (1.0 - blend)
+
+
 class BufferRing:
     """Output memory recycled over a stream of merged tensors: `take` hands out slot after slot, so a tensor's
     memory returns `depth` tensors later, when its consumer must be done with it. Fresh memory costs a page fault
@@ -276,9 +283,7 @@ def _merge_values(plan: MergePlan, tp: TensorPlan, a: np.ndarray, b: np.ndarray,
                 keep_a, keep_b = masks.keep_masks(seed, offset + start, offset + stop,
                                                   density_a if spec.needs_base else None,
                                                   density_b, device)
-                merged = spec.form(ca, cb, cbase, keep_a, keep_b, final, density_a, density_b)
-                if blend != 1.0:
-                    merged = merged * blend + (ca + (cb - ca) * final) * (1.0 - blend)
+                merged = torch_merge(spec, ca, cb, cbase, keep_a, keep_b, final, density_a, density_b, blend)
             out_t[start:stop] = merged.to(dtype).cpu()
 
     starts = range(0, a.size, chunk)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from darwin.checkpoint.dtypes import DTYPES
 from darwin.errors import DarwinError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -86,7 +87,7 @@ class VLLMEngine:
             for name, code, raw in tensors:
                 data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
                 handle.write(memoryview(data))
-                specs.append([name, code, list(raw.shape), offset])
+                specs.append([name, DTYPES[code][0], list(raw.shape), offset])
                 offset += data.size
             handle.flush()
             self._ask({"op": "load", "file": handle.name, "tensors": specs})

@@ -5,7 +5,7 @@ darwin: vLLM pins its own transformers, so it may live in another environment. d
 
 One engine on the father's checkpoint, then JSON lines on stdin, each answered by one line `DARWIN {...}` on stdout
 (vLLM logs there too):
-- {"op": "load", "file": PATH, "tensors": [[name, safetensors dtype, shape, byte offset], ...]}: the candidate's
+- {"op": "load", "file": PATH, "tensors": [[name, torch dtype name, shape, byte offset], ...]}: the candidate's
   tensors, under their checkpoint names, raw in a file of shared memory, loaded in place through vLLM's
   `reload_weights` (its own checkpoint-name mapping and weight loaders; nothing is written as a checkpoint);
 - {"op": "score", "requests": [[context ids, continuation ids], ...]}: per request [sum of the continuation's
@@ -21,9 +21,6 @@ import traceback
 # reload_weights is handed an iterator over shared memory: the engine must run in this process
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
-          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-          "F8_E5M2": "float8_e5m2"}
 
 
 def reply(message: dict) -> None:
@@ -36,8 +33,8 @@ def tensors_in(path: str, specs: list):
     import torch
 
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable buffers, the file untouched
-    for name, code, shape, offset in specs:
-        dtype = getattr(torch, DTYPES[code])
+    for name, dtype_name, shape, offset in specs:
+        dtype = getattr(torch, dtype_name)
         size = dtype.itemsize
         for dim in shape:
             size *= dim

@@ -147,7 +147,8 @@ def examine_parents(cfg: RunConfig, layout: evolution.RunLayout) -> Examined:
     """Phase 0: static MRI of both parents (per-shard fan-out); probes where the genome version weighs them
     (whatever the method), MoE routing whenever a parent has experts (dead-expert transplant)."""
     device = cfg.phase2.device
-    sources = {"father": Checkpoint(cfg.father).source, "mother": Checkpoint(cfg.mother).source}
+    father = Checkpoint(cfg.father)
+    sources = {"father": father.source, "mother": Checkpoint(cfg.mother).source}
     mri = {role: profile_flow(source, str(layout.path("mri", role)), device, role) for role, source in sources.items()}
     signals, probed = {"father": None, "mother": None}, {"father": None, "mother": None}
     for role, source in sources.items():
@@ -163,7 +164,6 @@ def examine_parents(cfg: RunConfig, layout: evolution.RunLayout) -> Examined:
     parents = fitness.Parents(sources["father"], sources["mother"], cfg.method,
                               Checkpoint(cfg.base).source if cfg.base else None, mri["father"], mri["mother"],
                               signals["father"], signals["mother"])
-    father = Checkpoint(cfg.father)
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     options = cfg.phase2.eval_options()
     return Examined(parents, probed,

@@ -416,9 +416,7 @@ def test_kernel_rounds_extreme_values_as_torch(code):
     fa, fb, fc = a.float(), b.float(), c.float()
     for method, blend in (("darwin-v6", 1.0), ("darwin-v6", 0.7), ("dare-ties", 1.0), ("dare-ties", 0.7)):
         spec = engine.METHODS[method]
-        form = spec.form(fa, fb, fc, keep_a, keep_b, r, density_a, density_b)
-        if blend != 1.0:
-            form = form * blend + (fa + (fb - fa) * r) * (1.0 - blend)
+        form = engine.torch_merge(spec, fa, fb, fc, keep_a, keep_b, r, density_a, density_b, blend)
         expected = to_raw(form.to(dtype)).view(np.uint16)
         out = np.empty_like(expected)
         spec.kernel(out, *(to_raw(x).view(np.uint16) for x in (a, b, c)), start, seed, r, density_a, density_b, blend,

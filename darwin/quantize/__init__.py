@@ -64,6 +64,11 @@ SCHEMES = {
 }
 
 
+def calibrated_schemes() -> str:
+    """The schemes that take a calibration set, for messages."""
+    return ", ".join(name for name, spec in SCHEMES.items() if spec.calibrated)
+
+
 def scheme_of(name: str) -> Scheme:
     if name not in SCHEMES:
         raise DarwinError(f"unknown quantization scheme {name!r} (schemes: {', '.join(SCHEMES)})")
@@ -90,8 +95,7 @@ def check_source(ckpt: Checkpoint) -> None:
 def check_request(scheme: str, calibration: Calibration | str | None) -> None:
     """Refuse an unknown scheme, or a calibration set (or its name) for a scheme that takes none."""
     if calibration and not scheme_of(scheme).calibrated:
-        calibrated = ", ".join(name for name, spec in SCHEMES.items() if spec.calibrated)
-        raise DarwinError(f"calibration is for {calibrated}; {scheme} is round-to-nearest and takes none")
+        raise DarwinError(f"calibration is for {calibrated_schemes()}; {scheme} is round-to-nearest and takes none")
 
 
 def _kinds(ckpt: Checkpoint) -> set[str]:

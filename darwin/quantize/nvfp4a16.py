@@ -102,10 +102,11 @@ def quantize_nvfp4a16(model: str | os.PathLike, out: str | os.PathLike, calibrat
     # fused group -> the largest magnitude of its parts, in a first pass over the parts of fused groups only
     amax: dict[str, torch.Tensor] = {}
     for name, info in ckpt.tensors.items():
-        if is_quantized(ckpt, info) or split_experts(ckpt, info):
-            for module, weight in quantized_parts(ckpt, info, ckpt.read(name)).items():
-                group = fused_group(module)
-                if group != module:
+        module = name.removesuffix(".weight")
+        if (is_quantized(ckpt, info) and fused_group(module) != module) or split_experts(ckpt, info):
+            for part, weight in quantized_parts(ckpt, info, ckpt.read(name)).items():
+                group = fused_group(part)
+                if group != part:
                     amax[group] = torch.maximum(amax.get(group, torch.tensor(0.0)), weight.float().abs().max())
     with CheckpointWriter(out) as writer:
         for done, (name, info) in enumerate(ckpt.tensors.items(), 1):

@@ -24,22 +24,18 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
 
 import torch
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
-from darwin.experts import fused_sources
+from darwin.experts import EXPERT_PART, fused_sources
 from darwin.quantize import scheme_of
 
 BLOCK = 16
 # vLLM's packed_modules_mapping of these families: the parts of one fused kernel, sharing its per-tensor scale
 FUSED = re.compile(r"^(?P<prefix>.*\.)(?:(?P<qkv>q_proj|k_proj|v_proj)|(?P<gate_up>gate_proj|up_proj))$")
-
-
-EXPERT_PART = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")
 
 
 def fused_group(module: str) -> str:
