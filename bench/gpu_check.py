@@ -63,26 +63,26 @@ def merge_check(work: Path, size: str, device: str) -> dict:
     the torch path, which is what CUDA runs."""
     from profile_bench import build_llama
 
-    import darwin.merge as engine
     from darwin.checkpoint import Checkpoint
     from darwin.genome import Genome
+    from darwin.merge import merge_to_dir, methods, plan_merge
 
     models, seconds = timed(lambda: {role: Checkpoint(build_llama(work / f"llama-{size}" / role, size, noise_seed=s))
                                      for role, s in (("base", None), ("father", 1), ("mother", 2))})
     result = {"model": f"{size} bf16 Llama", "build_seconds": seconds, "methods": {}}
-    kernels = engine._kernels
+    kernels = methods._kernels
     runs = (("cpu", "cpu", kernels), (device, device, kernels)) if device != "cpu" else \
         (("cpu", "cpu", kernels), ("cpu-torch", "cpu", None))
     for method, genes in GENOMES.items():
         row, digests = {}, []
         for label, on, kernel in runs:
-            engine._kernels = kernel
-            plan = engine.plan_merge(models["father"], models["mother"], Genome.from_dict(genes), method,
-                                     base=models["base"] if method == "dare-ties" else None)
+            methods._kernels = kernel
+            plan = plan_merge(models["father"], models["mother"], Genome.from_dict(genes), method,
+                              base=models["base"] if method == "dare-ties" else None)
             out = work / f"merge-{method}-{label}"
-            _, row[f"{label}_seconds"] = timed(lambda: engine.merge_to_dir(plan, out, device=on, overwrite=True))
+            _, row[f"{label}_seconds"] = timed(lambda: merge_to_dir(plan, out, device=on, overwrite=True))
             digests.append(shard_digests(out))
-        engine._kernels = kernels
+        methods._kernels = kernels
         row["identical"] = digests[0] == digests[1]
         result["methods"][method] = row
     return result

@@ -18,20 +18,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import darwin.merge as engine  # noqa: E402
 from darwin import masks  # noqa: E402
 from darwin.checkpoint import to_raw, to_torch  # noqa: E402
+from darwin.merge import methods  # noqa: E402
 
 CODES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def torch_path(method: str, a, b, c, seed: int, r: float, da: float, db: float, blend: float, code: str):
-    spec, out = engine.METHODS[method], torch.empty(a.numel(), dtype=CODES[code])
+    spec, out = methods.METHODS[method], torch.empty(a.numel(), dtype=CODES[code])
     for start in range(0, a.numel(), masks.CHUNK):
         stop = min(a.numel(), start + masks.CHUNK)
         ca, cb, cc = (x[start:stop].float() for x in (a, b, c))
         keep_a, keep_b = masks.keep_masks(seed, start, stop, da if spec.needs_base else None, db, "cpu")
-        out[start:stop] = engine.torch_merge(spec, ca, cb, cc, keep_a, keep_b, r, da, db, blend).to(CODES[code])
+        out[start:stop] = methods.torch_merge(spec, ca, cb, cc, keep_a, keep_b, r, da, db, blend).to(CODES[code])
     return out
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     seed, r, da, db = 12345, 0.37, 0.7, 0.6
     print(f"{args.elements} elements, one thread, medians of {args.repeat}")
     print(f"{'method':10s} {'blend':>5s} {'dtype':>5s} {'kernel ns/el':>12s} {'torch ns/el':>11s} {'bytes':>9s}")
-    for method in engine.METHODS:
+    for method in methods.METHODS:
         for blend in ((1.0,) if method == "darwin-v5" else (1.0, 0.7)):
             for code, dtype in CODES.items():
                 a, b, c = ((torch.randn(args.elements, generator=g) * 0.02).to(dtype) for _ in range(3))
@@ -54,7 +54,7 @@ def main() -> None:
                 kernel, torch_times = [], []
                 for _ in range(args.repeat):
                     started = time.perf_counter()
-                    engine.METHODS[method].kernel(out, *raws, 0, seed, r, da, db, blend, engine.KERNEL_DTYPES[code])
+                    methods.METHODS[method].kernel(out, *raws, 0, seed, r, da, db, blend, methods.KERNEL_DTYPES[code])
                     kernel.append(time.perf_counter() - started)
                 for _ in range(max(1, args.repeat // 2)):
                     started = time.perf_counter()

@@ -249,8 +249,8 @@ def profile(model: Path, work: Path) -> Path:
 
 FUSED_SCRIPT = """
 import sys
-import darwin.merge
-darwin.merge.STREAM_BYTES = int(sys.argv[1])
+import darwin.merge.engine
+darwin.merge.engine.STREAM_BYTES = int(sys.argv[1])
 from flows.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -24,8 +24,9 @@ import torch
 from darwin.checkpoint import Checkpoint, content_sha256, torch_dtype
 from darwin.evaluate import EvalOptions, EvalResult, TaskSet, evaluate, evaluate_lm, fitness_cache_key
 from darwin.genome import Genome
-from darwin.merge import MergePlan, load_mri, merge_into_model, merged_tensors, plan_merge
-from darwin.prescribe import RULES_VERSION, ParentSignals, load_signals
+from darwin.merge import MergePlan, merge_into_model, merged_tensors, plan_merge
+from darwin.prescribe import RULES_VERSION
+from darwin.profiles import ParentProfile
 from darwin.runtime import CACHE_ROOT, pick_device
 from darwin.vllm_engine import VLLMEngine, VLLMSettings, engine_lm
 
@@ -52,11 +53,13 @@ class Parents:
     probes_mother: str | None = None
 
     def open(self) -> OpenParents:
-        """The parents' checkpoints (headers), MRI statistics and signals, read once per worker."""
+        """The parents' checkpoints (headers) and profiles, read once per worker."""
         return OpenParents(self.method, Checkpoint(self.father), Checkpoint(self.mother),
-                           Checkpoint(self.base) if self.base else None,
-                           (load_mri(self.mri_father), load_mri(self.mri_mother)),
-                           (load_signals(self.probes_father), load_signals(self.probes_mother)))
+                           Checkpoint(self.base) if self.base else None, self.profiles())
+
+    def profiles(self) -> tuple[ParentProfile, ParentProfile]:
+        return (ParentProfile.load(self.mri_father, self.probes_father),
+                ParentProfile.load(self.mri_mother, self.probes_mother))
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,10 @@ class OpenParents:
     father: Checkpoint
     mother: Checkpoint
     base: Checkpoint | None
-    mri: tuple[dict, dict]
-    signals: tuple[ParentSignals, ParentSignals]
+    profiles: tuple[ParentProfile, ParentProfile]
 
     def plan(self, genome: Genome) -> MergePlan:
-        return plan_merge(self.father, self.mother, genome, self.method, base=self.base, mri_a=self.mri[0],
-                          mri_b=self.mri[1], signals_a=self.signals[0], signals_b=self.signals[1])
+        return plan_merge(self.father, self.mother, genome, self.method, base=self.base, profiles=self.profiles)
 
 
 class FitnessCache:

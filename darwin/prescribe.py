@@ -12,23 +12,14 @@ expert's slice of a fused one (the rest of it merged).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from darwin.experts import expert_slices
 from darwin.genome import genome_version
 from darwin.mri import static_score
+from darwin.profiles import ParentProfile
 
 # Part of every fitness cache key: bump when a change to the prescription, the static scores or a merge form
 # changes what a genome merges to.
 RULES_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ParentSignals:
-    """What the MRI knows of one parent beyond the tensor in hand: probe score per layer, dead experts."""
-
-    probe: dict[int, float] | None = None
-    dead_experts: dict[int, set[int]] | None = None
 
 
 def mri_ratio(score_a: float, score_b: float) -> float:
@@ -40,13 +31,13 @@ def combined_score(static: float, probe: float | None) -> float:
     return static if probe is None else static * 0.4 + probe * 0.6
 
 
-def tensor_mri_ratio(stats_a: dict, stats_b: dict, version: str, block: int | None,
-                     signals_a: ParentSignals, signals_b: ParentSignals) -> tuple[float, float | None, float | None]:
-    """(mri_ratio, probe score of A, probe score of B) for one tensor."""
+def tensor_mri_ratio(stats_a: dict, stats_b: dict, version: str, block: int | None, profile_a: ParentProfile,
+                     profile_b: ParentProfile) -> tuple[float, float | None, float | None]:
+    """(mri_ratio, probe score of A, probe score of B) for one tensor of statistics `stats_a`, `stats_b`."""
     score_a, score_b = static_score(stats_a, version), static_score(stats_b, version)
     probe_a = probe_b = None
-    if genome_version(version).probes and block is not None and signals_a.probe and signals_b.probe:
-        probe_a, probe_b = signals_a.probe.get(block), signals_b.probe.get(block)
+    if genome_version(version).probes and block is not None and profile_a.probe and profile_b.probe:
+        probe_a, probe_b = profile_a.probe.get(block), profile_b.probe.get(block)
         if probe_a is not None and probe_b is not None:
             score_a, score_b = combined_score(score_a, probe_a), combined_score(score_b, probe_b)
     return mri_ratio(score_a, score_b), probe_a, probe_b
@@ -65,33 +56,11 @@ def transplant(final: float, version: str) -> str | None:
     return None
 
 
-def dead_expert_donors(name: str, shape: tuple[int, ...], block: int | None, signals_a: ParentSignals,
-                       signals_b: ParentSignals) -> dict[int, str]:
+def dead_expert_donors(name: str, shape: tuple[int, ...], block: int | None, profile_a: ParentProfile,
+                       profile_b: ParentProfile) -> dict[int, str]:
     """{expert: live parent} for each expert slice of the tensor that is dead in exactly one parent."""
     if block is None:
         return {}
-    dead_a = (signals_a.dead_experts or {}).get(block, set())
-    dead_b = (signals_b.dead_experts or {}).get(block, set())
+    dead_a = (profile_a.dead_experts or {}).get(block, set())
+    dead_b = (profile_b.dead_experts or {}).get(block, set())
     return {e: "mother" if e in dead_a else "father" for e in expert_slices(name, shape) if (e in dead_a) != (e in dead_b)}
-
-
-def load_signals(probe_dir: str | None) -> ParentSignals:
-    """A parent's probe scores per layer and dead experts from a `darwin probe` output directory (either may be
-    missing: routing alone for a v5 genome on experts, probes alone for a dense model)."""
-    if probe_dir is None:
-        return ParentSignals()
-    from pathlib import Path
-
-    import pandas as pd
-
-    from darwin import moe, probes
-    from darwin.errors import DarwinError
-
-    directory = Path(probe_dir)
-    importance, routing = directory / "probes.parquet", directory / "routing.parquet"
-    if not importance.exists() and not routing.exists():
-        raise DarwinError(f"neither probes.parquet nor routing.parquet in {directory} (run `darwin probe` first)")
-    return ParentSignals(
-        probe=probes.probe_scores(pd.read_parquet(importance)) if importance.exists() else None,
-        dead_experts=moe.dead_expert_map(moe.read_routing(routing)) if routing.exists() else None,
-    )

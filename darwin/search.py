@@ -25,6 +25,7 @@ import cma
 import numpy as np
 
 from darwin.genome import KIND_GENE, Genome, gene_names
+from darwin.profiles import ParentProfile
 
 PRESCRIPTION_GENES = ("global_ratio", "attn_ratio", "ffn_ratio", "embed_ratio")
 # Where the heuristic holds the genes no MRI signal speaks for. Densities: DARE keeps 90% of each delta (density
@@ -90,17 +91,17 @@ class Search:
                       sigma0=max(self.sigma, sigma0), inject=[list(x) for x in best[:popsize // 2]])
 
 
-def prescription_by_gene(mri_a: dict[str, dict], mri_b: dict[str, dict], kinds: dict[str, str], version: str
+def prescription_by_gene(father: ParentProfile, mother: ParentProfile, kinds: dict[str, str], version: str
                          ) -> dict[str, float]:
     """The parents' mean MRI ratio per ratio gene: what the static MRI alone would prescribe."""
     from darwin.mri import static_score
     from darwin.prescribe import mri_ratio
 
     sums: dict[str, list[float]] = {gene: [] for gene in PRESCRIPTION_GENES}
-    for name, stats_a in mri_a.items():
-        if name in mri_b:
+    for name, stats_a in father.stats.items():
+        if name in mother.stats:
             gene = KIND_GENE.get(kinds.get(name, "other"), "global_ratio")
-            sums[gene].append(mri_ratio(static_score(stats_a, version), static_score(mri_b[name], version)))
+            sums[gene].append(mri_ratio(static_score(stats_a, version), static_score(mother.stats[name], version)))
     return {gene: float(np.mean(values)) if values else 0.5 for gene, values in sums.items()}
 
 

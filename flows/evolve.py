@@ -29,7 +29,6 @@ from darwin.config import RunConfig, load_config, parse_config
 from darwin.errors import DarwinError
 from darwin.evaluate import TaskSet, check_chat_template, prepared_tasks
 from darwin.genome import VERSIONS, Genome
-from darwin.merge import load_mri
 from darwin.report import write_json
 from darwin.runtime import pick_device
 from darwin.search import Search, heuristic_fitness, prescription_by_gene
@@ -166,8 +165,7 @@ def examine_parents(cfg: RunConfig, layout: evolution.RunLayout) -> Examined:
                               signals["father"], signals["mother"])
     kinds = {name: father.kind(name)[0] for name in father.tensors}
     options = cfg.phase2.eval_options()
-    return Examined(parents, probed,
-                    prescription_by_gene(load_mri(mri["father"]), load_mri(mri["mother"]), kinds, cfg.genome),
+    return Examined(parents, probed, prescription_by_gene(*parents.profiles(), kinds, cfg.genome),
                     fitness.run_inputs(parents), prepared_tasks(tuple(cfg.phase2.tasks), cfg.phase2.split, options),
                     prepared_tasks(tuple(cfg.phase2.tasks), cfg.heldout.split, options) if cfg.heldout.split
                     else None)

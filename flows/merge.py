@@ -19,8 +19,8 @@ import json
 
 from darwin.checkpoint import Checkpoint
 from darwin.genome import Genome
-from darwin.merge import METHODS, load_mri, merge_to_dir, plan_merge
-from darwin.prescribe import load_signals
+from darwin.merge import METHODS, merge_to_dir, plan_merge
+from darwin.profiles import ParentProfile
 from darwin.progress import Tracker
 from darwin.runtime import pick_device
 from flows.cli import device_type
@@ -50,8 +50,8 @@ def command(args: argparse.Namespace) -> int:
     plan = plan_merge(
         Checkpoint(args.father, args.allow_pickle), Checkpoint(args.mother, args.allow_pickle), genome, args.method,
         base=Checkpoint(args.base, args.allow_pickle) if args.base else None,
-        mri_a=load_mri(args.mri_father), mri_b=load_mri(args.mri_mother),
-        signals_a=load_signals(args.probes_father), signals_b=load_signals(args.probes_mother), strict=args.strict,
+        profiles=(ParentProfile.load(args.mri_father, args.probes_father),
+                  ParentProfile.load(args.mri_mother, args.probes_mother)), strict=args.strict,
     )
     # a bar moved per tensor in a terminal (mergekit shows one too), nothing under -q or into a file or a pipe
     with Tracker("merge", unit="B") as progress:

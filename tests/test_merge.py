@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import darwin.merge as engine
 from darwin import masks
 from darwin.checkpoint import Checkpoint, to_raw, to_torch, torch_dtype
 from darwin.errors import DarwinError
 from darwin.genome import Genome
-from darwin.merge import merge_into_model, merge_to_dir, plan_merge
+from darwin.merge import engine, merge_into_model, merge_to_dir, methods, plan_merge
+from darwin.profiles import ParentProfile, read_stats
 from flows.cli import main
 
 V5 = dict(global_ratio=0.5, attn_ratio=0.3, ffn_ratio=0.7, embed_ratio=0.5, density_a=0.8, density_b=0.6)
@@ -234,21 +234,21 @@ def test_given_profiles_merge_like_statistics_on_the_fly(parents, tmp_path):
 
     def merge(profiles, out):
         plan = plan_merge(parents["father"], parents["mother"], Genome.from_dict(V5), "darwin-v5",
-                          mri_a=profiles.get("father"), mri_b=profiles.get("mother"))
+                          profiles=tuple(ParentProfile(profiles.get(role, {})) for role in ("father", "mother")))
         return all_bytes(merge_to_dir(plan, tmp_path / out))
 
     profiles = {}
     for role in ("father", "mother"):
         rows = [row for shard in parents[role].shards for row in mri.profile_shard(parents[role], shard)]
         mri.write_profile(mri.to_frame(rows), tmp_path / role)
-        profiles[role] = engine.load_mri(tmp_path / role)
+        profiles[role] = read_stats(tmp_path / role)
     on_the_fly = merge({}, "fly")
     assert merge(profiles, "given") == on_the_fly
     profiles["mother"]["model.layers.1.mlp.up_proj.weight"]["std"] *= 2  # the merge reads what it is given
     assert merge(profiles, "changed") != on_the_fly
     rows[0]["entropy"] = float("nan")  # a broken tensor's statistic survives the parquet round trip
     mri.write_profile(mri.to_frame(rows), tmp_path / "broken")
-    assert np.isnan(engine.load_mri(tmp_path / "broken")[rows[0]["name"]]["entropy"])
+    assert np.isnan(read_stats(tmp_path / "broken")[rows[0]["name"]]["entropy"])
 
 
 def test_in_memory_merge_equals_the_written_child(parents, tmp_path):
@@ -300,13 +300,12 @@ def test_merge_task_is_idempotent(parents, tmp_path):
 
 def test_v6_ratios_combine_static_and_probe_scores(parents, tmp_path):
     from darwin.mri import static_score, tensor_stats
-    from darwin.prescribe import ParentSignals
 
     probe_a = {layer: 0.1 * (layer + 1) for layer in range(4)}
     probe_b = {layer: 0.05 for layer in range(4)}
     genome = v6(mri_trust=0.6)
     plan = plan_merge(parents["father"], parents["mother"], genome, "darwin-v6",
-                      signals_a=ParentSignals(probe=probe_a), signals_b=ParentSignals(probe=probe_b))
+                      profiles=(ParentProfile(probe=probe_a), ParentProfile(probe=probe_b)))
     report = json.loads((merge_to_dir(plan, tmp_path / "child") / "merge_report.json").read_text())["tensors"]
     name = "model.layers.3.mlp.down_proj.weight"
     a, b = (static_score(tensor_stats(parents[p].read(name)), "v6") for p in ("father", "mother"))
@@ -321,11 +320,10 @@ def test_v6_ratios_combine_static_and_probe_scores(parents, tmp_path):
 
 
 def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_path):
-    from darwin.prescribe import ParentSignals
 
     father, mother = (Checkpoint(pico_checkpoint("qwen3_moe", perturb=p)) for p in (1, 2))
-    plan = plan_merge(father, mother, v6(), "darwin-v6", signals_a=ParentSignals(dead_experts={1: {2}}),
-                      signals_b=ParentSignals(dead_experts={1: {0}, 2: {2}}))
+    plan = plan_merge(father, mother, v6(), "darwin-v6", profiles=(ParentProfile(dead_experts={1: {2}}),
+                                                                  ParentProfile(dead_experts={1: {0}, 2: {2}})))
     out = merge_to_dir(plan, tmp_path / "child")
     merged = json.loads((out / "merge_report.json").read_text())
     report = merged["tensors"]
@@ -342,12 +340,12 @@ def test_dead_expert_is_transplanted_from_the_live_parent(pico_checkpoint, tmp_p
 def test_a_dead_experts_slice_of_a_fused_tensor_is_the_live_parents(pico_checkpoint, tmp_path):
     """Gemma 4 (and Qwen3.5-MoE releases) store the routed experts fused, [E, ...] in one tensor: the dead expert's
     slice comes from the live parent byte for byte, the other experts' slices are merged."""
-    from darwin.prescribe import ParentSignals
 
     father, mother = (Checkpoint(pico_checkpoint("gemma4_moe_text", perturb=p)) for p in (1, 2))
     fused = "model.layers.1.experts.gate_up_proj"
     assert len(father.tensors[fused].shape) == 3
-    plan = plan_merge(father, mother, v6(), "darwin-v6", signals_b=ParentSignals(dead_experts={1: {2}}))
+    plan = plan_merge(father, mother, v6(), "darwin-v6",
+                      profiles=(ParentProfile(), ParentProfile(dead_experts={1: {2}})))
     out = Checkpoint(merge_to_dir(plan, tmp_path / "child"))
     merged = json.loads((out.path / "merge_report.json").read_text())
     assert merged["tensors"][fused]["dead_expert_donors"] == {"2": "father"}
@@ -369,7 +367,7 @@ def test_fused_cpu_kernel_gives_the_torch_path_bytes(pico_checkpoint, dtype, met
     straight through the kernel in their own dtype (no torch conversion at all), with the V6 blend too; parents of
     different dtypes (a bf16 father, a float16 mother and a float32 base) through float32 chunks."""
 
-    if engine._kernels is None:
+    if methods._kernels is None:
         pytest.skip("the C kernel was not built (no compiler): only the torch path exists")
     dtypes = {"base": torch.float32, "father": torch.bfloat16, "mother": torch.float16} if dtype == "mixed" else {}
     parents = {role: Checkpoint(pico_checkpoint("qwen3_5_text", perturb=perturb, dtype=dtypes.get(role, dtype)))
@@ -388,14 +386,14 @@ def test_fused_cpu_kernel_gives_the_torch_path_bytes(pico_checkpoint, dtype, met
             fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     else:
         fused = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
-    monkeypatch.setattr(engine, "_kernels", None)
+    monkeypatch.setattr(methods, "_kernels", None)
     reference = engine._merge_values(plan, tp, a, b, c, 0.37, "cpu")
     assert fused.dtype == a.dtype and np.array_equal(fused, reference)
     if densities == (0.8, 0.6):  # both parents contribute: the comparison is not between two copies of the father
         assert not np.array_equal(fused, a) and not np.array_equal(fused, b)
 
 
-@pytest.mark.skipif(engine._kernels is None, reason="the C kernel is not built")
+@pytest.mark.skipif(methods._kernels is None, reason="the C kernel is not built")
 @pytest.mark.parametrize("code", ["F16", "BF16"])
 def test_kernel_rounds_extreme_values_as_torch(code):
     """Parents with subnormal, huge, infinite and NaN values: the kernel's bits equal torch's forms stored by torch
@@ -415,12 +413,12 @@ def test_kernel_rounds_extreme_values_as_torch(code):
     keep_a, keep_b = masks.keep_masks(seed, start, start + a.numel(), density_a, density_b, "cpu")
     fa, fb, fc = a.float(), b.float(), c.float()
     for method, blend in (("darwin-v6", 1.0), ("darwin-v6", 0.7), ("dare-ties", 1.0), ("dare-ties", 0.7)):
-        spec = engine.METHODS[method]
-        form = engine.torch_merge(spec, fa, fb, fc, keep_a, keep_b, r, density_a, density_b, blend)
+        spec = methods.METHODS[method]
+        form = methods.torch_merge(spec, fa, fb, fc, keep_a, keep_b, r, density_a, density_b, blend)
         expected = to_raw(form.to(dtype)).view(np.uint16)
         out = np.empty_like(expected)
         spec.kernel(out, *(to_raw(x).view(np.uint16) for x in (a, b, c)), start, seed, r, density_a, density_b, blend,
-                    engine.KERNEL_DTYPES[code])
+                    methods.KERNEL_DTYPES[code])
         nan = np.isnan(form.numpy())
         assert np.isinf(form).any() and nan.any()
         assert np.array_equal(np.isnan(to_torch(out, code).float().numpy()), nan), (method, blend)
@@ -506,15 +504,14 @@ def test_parents_with_other_expert_layouts_merge_expert_by_expert(moe_layouts, t
     from transformers import AutoModelForCausalLM
 
     from darwin.merge import merge_into_model
-    from darwin.prescribe import ParentSignals
 
     other = "per_expert" if father_layout == "fused" else "fused"
     father = Checkpoint(moe_layouts["father", father_layout])
-    signals = ParentSignals(dead_experts={1: {2}})
+    routed = ParentProfile(dead_experts={1: {2}})
     children = {}
     for layout in (father_layout, other):
         mother, base = (Checkpoint(moe_layouts[role, layout]) for role in ("mother", "base"))
-        plan = plan_merge(father, mother, v6(), method, base=base, signals_a=signals)
+        plan = plan_merge(father, mother, v6(), method, base=base, profiles=(routed, ParentProfile()))
         children[layout] = merge_to_dir(plan, tmp_path / layout)
     assert all_bytes(children[other]) == all_bytes(children[father_layout])
     child = Checkpoint(children[other])
@@ -528,7 +525,7 @@ def test_parents_with_other_expert_layouts_merge_expert_by_expert(moe_layouts, t
         piece, donor = child.read_array(name), mother.read_array(name)
         assert np.array_equal(piece[2] if piece.ndim == 3 else piece, donor[2] if donor.ndim == 3 else donor), name
     plan = plan_merge(father, Checkpoint(moe_layouts["mother", other]), v6(), method,
-                      base=Checkpoint(moe_layouts["base", other]), signals_a=signals)
+                      base=Checkpoint(moe_layouts["base", other]), profiles=(routed, ParentProfile()))
     model = AutoModelForCausalLM.from_pretrained(father.path, dtype=torch.bfloat16)
     merge_into_model(plan, model)
     expected = AutoModelForCausalLM.from_pretrained(children[other], dtype=torch.bfloat16).state_dict()
@@ -544,10 +541,9 @@ def test_large_fused_experts_stream_slice_by_slice_into_the_same_bytes(pico_chec
                                                                        method):
     """A fused expert tensor over STREAM_BYTES is merged and written one expert slice at a time (its memory a
     slice's): the child is byte for byte the one merged whole, the dead expert's slice the live parent's."""
-    from darwin.prescribe import ParentSignals
 
     father, mother, base = (Checkpoint(pico_checkpoint("gemma4_moe_text", perturb=p)) for p in (1, 2, None))
-    signals = ParentSignals(dead_experts={1: {2}})
+    routed = ParentProfile(dead_experts={1: {2}})
     children, slice_sizes = {}, []
     real = engine.merge_slices
 
@@ -559,7 +555,8 @@ def test_large_fused_experts_stream_slice_by_slice_into_the_same_bytes(pico_chec
     for label, threshold in (("whole", 1 << 40), ("sliced", 0)):
         monkeypatch.setattr(engine, "STREAM_BYTES", threshold)
         monkeypatch.setattr(engine, "merge_slices", watched)
-        plan = plan_merge(father, mother, v6(merge_method_weight=0.7), method, base=base, signals_b=signals)
+        plan = plan_merge(father, mother, v6(merge_method_weight=0.7), method, base=base,
+                          profiles=(ParentProfile(), routed))
         children[label] = merge_to_dir(plan, tmp_path / label)
     fused = [n for n, info in father.tensors.items() if len(info.shape) == 3 and ".experts." in n]
     assert len(slice_sizes) == len(fused) > 0  # the sliced run alone streamed, every fused tensor
@@ -579,7 +576,7 @@ def test_a_method_is_one_record_in_the_registry(parents, tmp_path, monkeypatch):
     def midpoint(a, b, base, keep_a, keep_b, r, density_a, density_b):
         return (a + b) * 0.5
 
-    monkeypatch.setitem(engine.METHODS, "midpoint", engine.Method(midpoint, None, needs_base=False, genome=None))
+    monkeypatch.setitem(methods.METHODS, "midpoint", methods.Method(midpoint, None, needs_base=False, genome=None))
     config = parse_config({"father": "f", "mother": "m", "method": "midpoint", "genome": "v6"})
     assert (config.method, config.genome) == ("midpoint", "v6")
     genome = tmp_path / "genome.json"
