@@ -122,6 +122,7 @@ def phase2_check(work: Path, arc: Path, sizes: dict, device: str, limit: int | N
                  ) -> tuple[dict, dict]:
     from darwin.evaluate import arc_task_file, prepared_tasks
     from darwin.fitness import FitnessCache, Parents, evaluate_genome
+    from darwin.genome import Genome
 
     paths, build_seconds = timed(lambda: synthetic_qwen35(work, sizes, device))
     task = arc_task_file(arc, work / "tasks")
@@ -130,12 +131,12 @@ def phase2_check(work: Path, arc: Path, sizes: dict, device: str, limit: int | N
     cache = FitnessCache(work / "fitness-cache")
     runs = []
     for k, ratio in enumerate((0.5, 0.6)):
-        genes = {**GENOMES["dare-ties"], "global_ratio": ratio}
-        record, seconds = timed(lambda: evaluate_genome(parents, genes, tasks, limit=limit, batch_size=batch_size,
+        genome = Genome.from_dict({**GENOMES["dare-ties"], "global_ratio": ratio})
+        record, seconds = timed(lambda: evaluate_genome(parents, genome, tasks, limit=limit, batch_size=batch_size,
                                                         device=device, cache=cache))
-        runs.append({"candidate": k + 1, "seconds": seconds, "merge_seconds": record["merge_seconds"],
-                     "eval_seconds": record["eval_seconds"], "fitness": record["fitness"],
-                     "questions": sum(len(v) for v in record["per_question"].values())})
+        runs.append({"candidate": k + 1, "seconds": seconds, "merge_seconds": record.merge_seconds,
+                     "eval_seconds": record.eval_seconds, "fitness": record.fitness,
+                     "questions": sum(len(v) for v in record.per_question.values())})
     return {"model": f"synthetic Qwen3.5, {paths['parameters'] / 1e6:.0f}M parameters, bf16",
             "build_seconds": build_seconds, "task": "arc_challenge_local validation", "candidates": runs}, paths
 

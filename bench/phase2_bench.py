@@ -88,11 +88,11 @@ def direct(parents: dict[str, Path], tasks: list[str], args, cache: Path) -> Non
     for step in range(args.steps):
         genomes = search.ask()
         started = time.perf_counter()
-        records = [fitness.evaluate_genome(who, dict(g.genes), task_set, args.limit, args.batch_size, "cpu",
+        records = [fitness.evaluate_genome(who, g, task_set, args.limit, args.batch_size, "cpu",
                                            fitness.FitnessCache(cache), prints) for g in genomes]
         wall = time.perf_counter() - started
-        search.tell([r["fitness"] for r in records])
-        merge, evaluate = sum(r["merge_seconds"] for r in records), sum(r["eval_seconds"] for r in records)
+        search.tell([r.fitness for r in records])
+        merge, evaluate = sum(r.merge_seconds for r in records), sum(r.eval_seconds for r in records)
         print(f"{step:4d} {wall:7.2f} {merge / wall:6.1%} {evaluate / wall:6.1%} {(wall - merge - evaluate) / wall:6.1%}"
               f"   {merge:7.2f} {evaluate:7.2f}", flush=True)
     print("   (step 0's merge includes loading the father as the worker's skeleton model, once per worker)")

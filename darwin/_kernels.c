@@ -3,7 +3,7 @@
  * chunk, with the GIL released so chunks run in parallel threads. Values are float32, bfloat16 or float16 in memory
  * (read and written here directly, so no conversion pass runs per chunk) and computed in float32.
  *
- * Every float operation is the one darwin/merge.py performs with torch, in the same order and in float32 (built
+ * Every float operation is the one darwin/merge/methods.py performs with torch, in the same order and in float32 (built
  * with -ffp-contract=off so no multiply-add is fused), and bf16 is stored with torch's round-to-nearest-even, so
  * this path and the torch path (CUDA) give the same bytes (a NaN's bits aside); tests/test_merge.py holds them to that.
  */
@@ -77,7 +77,8 @@ static inline void store_f16(void *p, Py_ssize_t i, float v) {
     ((uint16_t *)p)[i] = (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-/* The V6 blend, w * form + (1 - w) * (a + (b - a) * r), as merge.py writes it in torch: `rest` is 1 - w rounded once */
+/* The V6 blend, w * form + (1 - w) * (a + (b - a) * r), as darwin.merge.methods.torch_merge writes it: `rest` is
+ * 1 - w rounded once */
 static inline float blended(float form, float a, float b, float r, float w, float rest) {
     return form * w + (a + (b - a) * r) * rest;
 }

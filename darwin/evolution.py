@@ -14,14 +14,18 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from darwin.evaluate import EvalResult
-from darwin.genome import gene_names
+from darwin.genome import Genome, gene_names
 from darwin.report import png, write_atomic, write_parquet
 from darwin.search import Search, heuristic_fitness
 from darwin.stats import mcnemar
+
+if TYPE_CHECKING:
+    from darwin.fitness import FitnessRecord
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
 WORST_MARGIN = -1e3  # the same on Phase 1's measured proxy, a margin in log-likelihood per character
@@ -62,14 +66,14 @@ class PhaseState:
         return pickle.loads(path.read_bytes()) if path.exists() else None
 
 
-def history_row(phase: int, generation: int, record: dict, proxies: dict[str, float]) -> dict:
-    """`proxies`: the cheap scores of the genome (`proxy_heuristic`, `proxy_measured`) beside its fitness."""
-    row = {"phase": phase, "generation": generation, "genome_hash": record["genome_hash"],
-           **record["genes"], "fitness": record["fitness"], **proxies,
-           "seconds": record.get("seconds"), "merge_seconds": record.get("merge_seconds"),
-           "eval_seconds": record.get("eval_seconds"), "worker": record.get("worker"),
-           "cached": record.get("cached", False), "failed": record.get("failed", False)}
-    row.update({f"score:{task}": value for task, value in (record.get("scores") or {}).items()})
+def history_row(phase: int, generation: int, record: FitnessRecord, proxies: dict[str, float]) -> dict:
+    """A record as one row of history.parquet; `proxies`: the cheap scores of the genome (`proxy_heuristic`,
+    `proxy_measured`) beside its fitness."""
+    row = {"phase": phase, "generation": generation, "genome_hash": record.genome.hash, **record.genome.genes,
+           "fitness": record.fitness, **proxies, "seconds": record.seconds, "merge_seconds": record.merge_seconds,
+           "eval_seconds": record.eval_seconds, "worker": record.worker, "cached": record.cached,
+           "failed": record.failed}
+    row.update({f"score:{task}": value for task, value in record.scores.items()})
     return row
 
 
@@ -94,11 +98,11 @@ def write_history(rows: list[dict], path: Path) -> None:
     write_parquet(pd.DataFrame(rows), path)
 
 
-def search_summary(rows: list[dict], best: dict, genes: dict[str, float], top: list, spearman: dict) -> dict:
+def search_summary(rows: list[dict], best: dict, genome: Genome, top: list, spearman: dict) -> dict:
     """summary.json's account of the search: the best genome with its fitness and scores, the top genomes, how well
     each proxy ranked Phase 2, and how many genomes each phase evaluated (Phase 2's from the cache too)."""
     return {
-        "best": {"genome": genes, "genome_hash": best["genome_hash"], "fitness": best["fitness"],
+        "best": {"genome": dict(genome.genes), "genome_hash": genome.hash, "fitness": best["fitness"],
                  "scores": {k.removeprefix("score:"): v for k, v in best.items() if k.startswith("score:")}},
         "top_genomes": top, "proxy_spearman": spearman,
         "evaluations": {"phase1": sum(r["phase"] == 1 for r in rows), "phase2": sum(r["phase"] == 2 for r in rows),
@@ -114,8 +118,9 @@ def best_row(rows: list[dict], phase: int | None = None) -> dict:
     return max(candidates, key=lambda row: row["fitness"])
 
 
-def genes_of(row: dict, version: str, blocks: int) -> dict[str, float]:
-    return {name: row[name] for name in gene_names(version, blocks)}
+def genome_of(row: dict, version: str, blocks: int) -> Genome:
+    """The genome of a history row (the row holds its genes as columns)."""
+    return Genome.from_dict({name: row[name] for name in gene_names(version, blocks)})
 
 
 def distinct_best(rows: list[dict], phase: int, version: str, blocks: int, count: int,
@@ -125,7 +130,7 @@ def distinct_best(rows: list[dict], phase: int, version: str, blocks: int, count
     ranked = sorted((r for r in rows if r["phase"] == phase and not r["failed"]), key=lambda r: -r["fitness"])
     chosen: list[list[float]] = []
     for row in ranked:
-        vector = list(genes_of(row, version, blocks).values())
+        vector = genome_of(row, version, blocks).vector()
         if all(max(abs(x - y) for x, y in zip(vector, other)) >= spacing for other in chosen):
             chosen.append(vector)
             if len(chosen) == count:
@@ -139,7 +144,7 @@ def top_genomes(rows: list[dict], version: str, blocks: int, count: int = 5) -> 
     unique = list({r["genome_hash"]: r for r in reversed(ranked)}.values())[::-1]
     unique.sort(key=lambda r: -r["fitness"])
     return [{"genome_hash": r["genome_hash"][:12], "fitness": round(r["fitness"], 4), "generation": r["generation"],
-             **{k: round(v, 3) for k, v in genes_of(r, version, blocks).items()}} for r in unique[:count]]
+             **{k: round(v, 3) for k, v in genome_of(r, version, blocks).genes.items()}} for r in unique[:count]]
 
 
 def evolution_png(rows: list[dict]) -> bytes:
@@ -166,12 +171,13 @@ def heuristic_phase(state: PhaseState, steps: int, prescription: dict[str, float
     run whose Phase 1 is done returns at once (history.parquet already holds its rows)."""
     if state.search.generation >= steps:
         return state
+    from darwin.fitness import FitnessRecord
+
     while state.search.generation < steps:
         genomes = state.search.ask()
         scores = [heuristic_fitness(g, prescription) for g in genomes]
-        state.rows += [history_row(1, state.search.generation, {
-            "genome_hash": g.hash, "genes": dict(g.genes), "fitness": s}, {"proxy_heuristic": s})
-            for g, s in zip(genomes, scores)]
+        state.rows += [history_row(1, state.search.generation, FitnessRecord(g, s), {"proxy_heuristic": s})
+                       for g, s in zip(genomes, scores)]
         state.search.tell(scores)
         state.save(layout.state(1))
     write_history(state.rows, layout.history)

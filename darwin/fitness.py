@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,41 @@ class OpenParents:
         return plan_merge(self.father, self.mother, genome, self.method, base=self.base, profiles=self.profiles)
 
 
+@dataclass(frozen=True)
+class FitnessRecord:
+    """What one genome scored: the fitness, per-task scores, per-question correctness and margins of the right
+    answer, and where the time went. The fitness cache keeps it as JSON (`to_json`), the history one row of it."""
+
+    genome: Genome
+    fitness: float
+    scores: dict[str, float] = field(default_factory=dict)
+    per_question: dict[str, list[bool]] = field(default_factory=dict)
+    margins: dict[str, list[float]] = field(default_factory=dict)
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+    seconds: float | None = None
+    worker: str | None = None  # host:pid:thread:device
+    cached: bool = False  # served by the fitness cache
+    failed: bool = False  # its merge or evaluation failed after retries: the worst fitness
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        fields = asdict(self)
+        del fields["genome"], fields["cached"]
+        return {"genome_hash": self.genome.hash, "genes": dict(self.genome.genes), **fields}
+
+    @classmethod
+    def from_json(cls, entry: dict, cached: bool = False) -> FitnessRecord:
+        fields = {key: value for key, value in entry.items() if key not in ("genome_hash", "genes")}
+        return cls(Genome.from_dict(entry["genes"]), **fields, cached=cached)
+
+    def measured(self, questions: int = MEASURED_LIMIT) -> float:
+        """The measured proxy of this evaluation: over tasks, the mean margin of the right answer on each task's
+        first `questions` questions (a Phase 2 record holds them all, so its proxy costs nothing)."""
+        per_task = [sum(m[:questions]) / max(1, len(m[:questions])) for m in self.margins.values()]
+        return sum(per_task) / len(per_task)
+
+
 class FitnessCache:
     """One JSON entry per key in a directory or at any fsspec URL (`s3://bucket/prefix`: the nodes of a Ray cluster
     then share one cache). Every entry appears whole or not at all: a local one is written under a temporary name
@@ -90,14 +125,14 @@ class FitnessCache:
         self.fs, self.root = open_destination(self.location)
         self.local = isinstance(self.fs, LocalFileSystem)
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> FitnessRecord | None:
         try:
-            return json.loads(self.fs.cat_file(f"{self.root}/{key}.json"))
+            return FitnessRecord.from_json(json.loads(self.fs.cat_file(f"{self.root}/{key}.json")), cached=True)
         except FileNotFoundError:
             return None
 
-    def put(self, key: str, record: dict) -> None:
-        data, path = json.dumps(record).encode(), f"{self.root}/{key}.json"
+    def put(self, key: str, record: FitnessRecord) -> None:
+        data, path = json.dumps(record.to_json()).encode(), f"{self.root}/{key}.json"
         if not self.local:
             self.fs.pipe_file(path, data)
             return
@@ -181,16 +216,15 @@ def run_inputs(parents: Parents) -> dict[str, str | None]:
     return {**inputs, "method": parents.method, "rules": str(RULES_VERSION), "record": str(RECORD_VERSION)}
 
 
-def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | None = None,
+def evaluate_genome(parents: Parents, genome: Genome, tasks: TaskSet, limit: int | None = None,
                     batch_size: int | str = 8, device: str = "auto", cache: FitnessCache | None = None,
-                    inputs: dict[str, str | None] | None = None) -> dict:
-    """The fitness record of one genome: fitness, per-task scores, per-question correctness, timings."""
-    genome = Genome.from_dict(genes)
+                    inputs: dict[str, str | None] | None = None) -> FitnessRecord:
+    """The fitness record of one genome, from the cache when any run scored it on the same inputs before."""
     cache = cache or FitnessCache()
     key = fitness_cache_key(inputs or run_inputs(parents), genome.hash, tasks, limit)
     hit = cache.get(key)
     if hit is not None:
-        return {**hit, "cached": True}
+        return hit
     started = time.perf_counter()
     device = pick_device(device)
     options = tasks.options if isinstance(tasks, TaskSet) else EvalOptions()
@@ -206,18 +240,10 @@ def evaluate_genome(parents: Parents, genes: dict, tasks: TaskSet, limit: int | 
         merged = time.perf_counter()
         with torch.no_grad():
             result = evaluate(worker.model, worker.tokenizer, tasks, limit=limit, batch_size=batch_size)
-    record = {
-        "genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": result.fitness, "scores": result.scores,
-        "per_question": result.per_question, "margins": result.margins, "merge_seconds": round(merged - started, 3),
-        "eval_seconds": round(result.seconds, 3), "seconds": round(time.perf_counter() - started, 3),
-        "worker": f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}:{device}",
-    }
+    record = FitnessRecord(
+        genome, result.fitness, result.scores, result.per_question, result.margins,
+        merge_seconds=round(merged - started, 3), eval_seconds=round(result.seconds, 3),
+        seconds=round(time.perf_counter() - started, 3),
+        worker=f"{socket.gethostname()}:{os.getpid()}:{threading.current_thread().name}:{device}")
     cache.put(key, record)
-    return {**record, "cached": False}
-
-
-def prefix_score(record: dict, questions: int = MEASURED_LIMIT) -> float:
-    """The measured proxy of an evaluation: over tasks, the mean margin of the right answer on each task's first
-    `questions` questions (a Phase 2 record holds them all, so its proxy costs nothing)."""
-    per_task = [sum(m[:questions]) / max(1, len(m[:questions])) for m in record["margins"].values()]
-    return sum(per_task) / len(per_task)
+    return record

@@ -7,7 +7,7 @@ when first imported); a value the user set in the environment wins.
 import os
 
 # Prefect's temporary API server creates its SQLite database on the first run. With a fresh PREFECT_HOME on two busy
-# cores that took longer than Prefect's default 20 s, and the command died (3 of 3 tries; docs/operations.md).
+# cores that takes longer than Prefect's default 20 s, and the command would die (docs/operations.md).
 EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_SECONDS))

@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -61,7 +61,7 @@ def _candidate_placement(config: RunConfig):
     return remote_options(num_gpus=1) if has_gpu else remote_options(num_cpus=1)
 
 
-def _gather(futures, genomes: list[Genome]) -> list[dict]:
+def _gather(futures, genomes: list[Genome]) -> list[fitness.FitnessRecord]:
     """Results in ask order; a genome that failed after its retries scores the worst fitness, and the run goes on,
     unless every genome failed: then nothing the search could learn is left, and the run stops naming the first."""
     records = []
@@ -72,11 +72,11 @@ def _gather(futures, genomes: list[Genome]) -> list[dict]:
             continue
         get_run_logger().warning("genome %s failed after retries (%s): worst fitness", genome.hash[:12],
                                  future.state.message)
-        records.append({"genome_hash": genome.hash, "genes": dict(genome.genes), "fitness": evolution.WORST_FITNESS,
-                        "failed": True, "error": future.state.message})
-    if all(record.get("failed") for record in records):
-        raise DarwinError(f"every genome of the generation failed; the first ({records[0]['genome_hash'][:12]}): "
-                          f"{records[0]['error']}")
+        records.append(fitness.FitnessRecord(genome, evolution.WORST_FITNESS, failed=True,
+                                             error=future.state.message))
+    if all(record.failed for record in records):
+        raise DarwinError(f"every genome of the generation failed; the first ({records[0].genome.hash[:12]}): "
+                          f"{records[0].error}")
     return records
 
 
@@ -88,16 +88,16 @@ def run_generations(phase: int, state: evolution.PhaseState, steps: int, config:
         genomes = state.search.ask()
         with _candidate_placement(config):
             futures = evaluate_candidate.map(
-                [dict(g.genes) for g in genomes], unmapped(examined.parents), unmapped(examined.tasks),
+                genomes, unmapped(examined.parents), unmapped(examined.tasks),
                 unmapped(limit), unmapped(config.phase2.batch_size), unmapped(config.phase2.device),
                 unmapped(cache_dir), unmapped(examined.inputs))
         records = _gather(futures, genomes)
         for record in records:
-            measured = fitness.prefix_score(record) if not record.get("failed") else None
+            measured = record.measured() if not record.failed else None
             if phase == 1:  # the measured proxy is Phase 1's fitness
-                record = {**record, "fitness": measured if measured is not None else evolution.WORST_MARGIN}
+                record = replace(record, fitness=measured if measured is not None else evolution.WORST_MARGIN)
             state.rows.append(evolution.history_row(phase, generation, record, {
-                "proxy_heuristic": heuristic_fitness(Genome.from_dict(record["genes"]), examined.prescription),
+                "proxy_heuristic": heuristic_fitness(record.genome, examined.prescription),
                 "proxy_measured": measured}))
         state.search.tell([row["fitness"] for row in state.rows[-len(records):]])
         record_generation(state, phase, generation, steps, run_dir, progress)
@@ -229,9 +229,9 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     spearman = proxy_rankings(phase2.rows)
     top = report_evolution(phase2.rows, cfg.genome, cfg.blocks, run_dir, spearman)
     best = evolution.best_row(phase2.rows)
-    genes = evolution.genes_of(best, cfg.genome, cfg.blocks)
+    genome = evolution.genome_of(best, cfg.genome, cfg.blocks)
     with clock("best"), on_gpu(cfg.phase2.device):  # the best child, merged to disk once
-        best_dir = merge_child(examined.parents, genes, str(layout.path("best")), pick_device(cfg.phase2.device))
+        best_dir = merge_child(examined.parents, genome, str(layout.path("best")), pick_device(cfg.phase2.device))
     with clock("health"):
         health = health_flow(best_dir, examined.parents.father, examined.parents.mother, str(layout.path("health")),
                              cfg.health.interference, cfg.health.function_loss, device=cfg.phase2.device,
@@ -241,7 +241,7 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
         heldout = score_heldout_split(cfg, examined, best_dir)
     with clock("quantize"):
         release = quantize_child(cfg, layout, best_dir, health["verdict"] == "pass" or force_release)
-    summary = {**evolution.search_summary(phase2.rows, best, genes, top, spearman), "heldout": heldout,
+    summary = {**evolution.search_summary(phase2.rows, best, genome, top, spearman), "heldout": heldout,
                "health": health["verdict"], "best_dir": best_dir, "release": release, "seconds": clock.total()}
     write_json(layout.path("summary.json"), summary)  # before publishing: the release and its card include it
     if cfg.release.dest and release:

@@ -25,14 +25,15 @@ from tasks.policy import retry_unless_user_error
 def _candidate_name() -> str:
     from prefect.runtime import task_run
 
-    return f"eval-{Genome.from_dict(task_run.parameters['genes']).hash[:12]}"
+    return f"eval-{task_run.parameters['genome'].hash[:12]}"
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_candidate_name, cache_policy=NO_CACHE)
-def evaluate_candidate(genes: dict, parents: fitness.Parents, tasks: TaskSet, limit: int | None, batch_size: int | str,
-                       device: str, cache_dir: str | None, inputs: dict[str, str | None]) -> dict:
-    return fitness.evaluate_genome(parents, genes, tasks, limit, batch_size, device,
+def evaluate_candidate(genome: Genome, parents: fitness.Parents, tasks: TaskSet, limit: int | None,
+                       batch_size: int | str, device: str, cache_dir: str | None, inputs: dict[str, str | None]
+                       ) -> fitness.FitnessRecord:
+    return fitness.evaluate_genome(parents, genome, tasks, limit, batch_size, device,
                                    fitness.FitnessCache(cache_dir), inputs)
 
 

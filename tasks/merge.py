@@ -16,13 +16,12 @@ from tasks.policy import retry_unless_user_error
 def _run_name() -> str:
     from prefect.runtime import task_run
 
-    return f"merge-{Genome.from_dict(task_run.parameters['genes']).hash[:12]}"
+    return f"merge-{task_run.parameters['genome'].hash[:12]}"
 
 
 @task(retries=3, retry_delay_seconds=[5, 30, 120], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_run_name)
-def merge_child(parents: Parents, genes: dict, out: str, device: str = "cpu") -> str:
-    genome = Genome.from_dict(genes)
+def merge_child(parents: Parents, genome: Genome, out: str, device: str = "cpu") -> str:
     if existing_merge(out, genome, parents.method):
         return out
     plan = parents.open().plan(genome)

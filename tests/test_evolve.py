@@ -13,6 +13,7 @@ import darwin.fitness
 from darwin.config import load_config, parse_config
 from darwin.errors import DarwinError
 from darwin.evaluate import multiple_choice_task_file
+from darwin.fitness import FitnessRecord
 from darwin import evolution
 from darwin.genome import Genome, gene_names
 from darwin.search import PRIOR, Search, heuristic_fitness
@@ -122,8 +123,7 @@ def heuristic_phase1(steps=200, popsize=20):
     for generation in range(steps):
         genomes = search.ask()
         scores = [heuristic_fitness(g, PRESCRIPTION) for g in genomes]
-        rows += [evolution.history_row(1, generation, {"genome_hash": g.hash, "genes": dict(g.genes), "fitness": f},
-                                       {}) for g, f in zip(genomes, scores)]
+        rows += [evolution.history_row(1, generation, FitnessRecord(g, f), {}) for g, f in zip(genomes, scores)]
         search.tell(scores)
     return search, rows
 
@@ -141,7 +141,7 @@ def test_phase2_starts_from_phase1s_best_and_searches():
     phase1, rows = heuristic_phase1()
     assert phase1.sigma < 0.01  # converged: carried over as it was, Phase 2 would evaluate one genome
     best = evolution.distinct_best(rows, 1, "v6", 6, 4)
-    assert best[0] == list(evolution.genes_of(evolution.best_row(rows, 1), "v6", 6).values())
+    assert best[0] == evolution.genome_of(evolution.best_row(rows, 1), "v6", 6).vector()
     assert all(max(abs(x - y) for x, y in zip(a, b)) >= 0.05 for i, a in enumerate(best) for b in best[:i])
     phase2 = phase1.follow_on(8, 0.15, best)
     assert phase2.sigma == 0.15

@@ -292,9 +292,9 @@ def test_merge_task_is_idempotent(parents, tmp_path):
 
     out = tmp_path / "child"
     pair = Parents(str(parents["father"].path), str(parents["mother"].path), "darwin-v5")
-    merge_child.fn(pair, V5, str(out))
+    merge_child.fn(pair, Genome.from_dict(V5), str(out))
     stamp = (out / "merge_report.json").stat().st_mtime_ns
-    merge_child.fn(pair, V5, str(out))
+    merge_child.fn(pair, Genome.from_dict(V5), str(out))
     assert (out / "merge_report.json").stat().st_mtime_ns == stamp
 
 

@@ -26,14 +26,15 @@ from test_publish import MotoS3
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
 from darwin.fitness import Parents
+from darwin.genome import Genome
 from tasks.merge import merge_child
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 120
 RUN_TIMEOUT = 420
-GENES = {"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5, "density_a": 0.8,
-         "density_b": 0.8}
+GENOME = Genome.from_dict({"global_ratio": 0.5, "attn_ratio": 0.5, "ffn_ratio": 0.5, "embed_ratio": 0.5,
+                           "density_a": 0.8, "density_b": 0.8})
 
 
 def free_port() -> int:
@@ -356,7 +357,7 @@ def test_merge_fails_once_then_succeeds_on_retry(prefect_api, pico_family, tmp_p
     monkeypatch.setattr(tasks.merge, "merge_to_dir", flaky)
     out = tmp_path / "child"
     state = merge_child.with_options(retry_delay_seconds=0)(
-        Parents(str(pico_family["father"]), str(pico_family["mother"]), "darwin-v5"), GENES, str(out),
+        Parents(str(pico_family["father"]), str(pico_family["mother"]), "darwin-v5"), GENOME, str(out),
         return_state=True)
     assert state.is_completed() and len(attempts) == 2
     assert json.loads((out / "merge_report.json").read_text())["genome_hash"]
@@ -366,7 +367,7 @@ def test_merge_fails_once_then_succeeds_on_retry(prefect_api, pico_family, tmp_p
 def test_merge_user_error_is_not_retried(prefect_api, pico_family, pico_checkpoint, tmp_path):
     stranger = pico_checkpoint("llama")  # another architecture: the parents do not match
     state = merge_child.with_options(retry_delay_seconds=0)(
-        Parents(str(pico_family["father"]), str(stranger), "darwin-v5"), GENES, str(tmp_path / "child"),
+        Parents(str(pico_family["father"]), str(stranger), "darwin-v5"), GENOME, str(tmp_path / "child"),
         return_state=True)
     assert state.is_failed()
     with pytest.raises(DarwinError):

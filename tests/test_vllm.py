@@ -203,14 +203,14 @@ def test_phase2_on_vllm_scores_every_question_as_the_hf_backend(vllm_python, tmp
         "father": "f", "mother": "m", "heldout": {"split": None},
         "phase2": {**phase2, "backend": backend}}).phase2.eval_options()) for backend in ("hf", "vllm")}
     parents = Parents(str(paths["father"]), str(paths["mother"]), "darwin-v5")
-    records = {backend: [evaluate_genome(parents, {**V5, "global_ratio": ratio}, tasks[backend],
+    records = {backend: [evaluate_genome(parents, Genome.from_dict({**V5, "global_ratio": ratio}), tasks[backend],
                                          cache=FitnessCache(tmp_path / f"cache-{backend}"))
                          for ratio in (0.2, 0.8)] for backend in ("hf", "vllm")}
     for hf, vllm in zip(records["hf"], records["vllm"]):
-        assert vllm["per_question"] == hf["per_question"] and vllm["fitness"] == hf["fitness"]
-        assert vllm["margins"]["toy_vllm"] == pytest.approx(hf["margins"]["toy_vllm"], abs=1e-4)
-        assert vllm["worker"].endswith(":cpu") and not vllm["cached"]
-    first, second = (r["margins"]["toy_vllm"] for r in records["vllm"])
+        assert vllm.per_question == hf.per_question and vllm.fitness == hf.fitness
+        assert vllm.margins["toy_vllm"] == pytest.approx(hf.margins["toy_vllm"], abs=1e-4)
+        assert vllm.worker.endswith(":cpu") and not vllm.cached
+    first, second = (r.margins["toy_vllm"] for r in records["vllm"])
     assert max(abs(a - b) for a, b in zip(first, second)) > 1e-2  # the second candidate's weights, not the first's
     on_disk = {backend: score_model(str(paths["mother"]), tasks[backend]) for backend in ("hf", "vllm")}
     assert on_disk["vllm"].per_question == on_disk["hf"].per_question
@@ -261,5 +261,5 @@ def test_darwin_evolve_runs_phase2_on_vllm(vllm_python, tmp_path, monkeypatch, p
     hf = prepared_tasks((str(task),), "validation")
     parents = Parents(str(paths["father"]), str(paths["mother"]), "darwin-v5")
     for row in phase2.itertuples():
-        genes = {name: getattr(row, name) for name in V5}
-        assert evaluate_genome(parents, genes, hf, cache=FitnessCache(tmp_path / "hf"))["fitness"] == row.fitness
+        genome = Genome.from_dict({name: getattr(row, name) for name in V5})
+        assert evaluate_genome(parents, genome, hf, cache=FitnessCache(tmp_path / "hf")).fitness == row.fitness
