@@ -27,6 +27,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -164,8 +165,12 @@ def publish(source_dir: str | Path, dest: str, *, card: str | None = None, extra
         todo = [rel for rel, entry in entries.items()
                 if recorded.get(rel, {}).get("sha256") != entry["sha256"]
                 or remote_sizes.get(fs._strip_protocol(f"{root}/{rel}")) != entry["size"]]
+        # what stays as a previous run left it, the journal's start
+        journal = {rel: entry for rel, entry in recorded.items() if rel in entries and rel not in todo}
+        put_options = {"max_concurrency": max_concurrency, "chunksize": chunksize} if "s3" in fs.protocol else {}
         if todo:
-            _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurrency, chunksize, on_uploaded)
+            _upload(_Target(fs, root, dest), {rel: (files[rel], entries[rel]) for rel in todo}, journal, workers,
+                    put_options, on_uploaded)
     manifest = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 **{k: v for k, v in (extra or {}).items() if v is not None}, "files": [entries[rel] for rel in sorted(entries)],
                 "total_size": sum(entry["size"] for entry in entries.values())}
@@ -179,13 +184,21 @@ def publish(source_dir: str | Path, dest: str, *, card: str | None = None, extra
     return f"{dest.rstrip('/')}/{MANIFEST}"
 
 
-def _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurrency, chunksize, on_uploaded):
-    """Upload `todo`, biggest first, journaling each arrival; any failure stops the rest."""
-    put_options = {"max_concurrency": max_concurrency, "chunksize": chunksize} if "s3" in fs.protocol else {}
-    journal = {rel: entry for rel, entry in recorded.items() if rel in entries and rel not in todo}
+@dataclass(frozen=True)
+class _Target:
+    fs: fsspec.AbstractFileSystem
+    root: str  # the destination as the filesystem names it
+    dest: str  # as the user gave it, for messages
+
+
+def _upload(target: _Target, todo: dict[str, tuple[Path, dict]], journal: dict[str, dict], workers: int,
+            put_options: dict, on_uploaded: Callable[[str, int, int], None] | None) -> None:
+    """Upload `todo` (relative path -> local file, manifest entry), `workers` files at once, biggest first, adding
+    each arrival to the `journal`; any failure stops the rest."""
+    fs, root, dest = target.fs, target.root, target.dest
     lock = threading.Lock()
     done = []
-    to_upload = sum(entries[rel]["size"] for rel in todo)
+    to_upload = sum(entry["size"] for _, entry in todo.values())
     # An unfinished release must not look finished: the old manifest goes before the first byte changes.
     try:
         if fs.exists(f"{root}/{MANIFEST}"):
@@ -195,19 +208,20 @@ def _upload(fs, root, dest, files, entries, recorded, todo, workers, max_concurr
         raise _storage_error(exc, dest) from exc
 
     def send(rel: str) -> None:
-        target = f"{root}/{rel}"
+        path, entry = todo[rel]
+        remote = f"{root}/{rel}"
         if isinstance(fs, LocalFileSystem):
-            fs.makedirs(fs._parent(target), exist_ok=True)
-        fs.put_file(str(files[rel]), target, **put_options)
+            fs.makedirs(fs._parent(remote), exist_ok=True)
+        fs.put_file(str(path), remote, **put_options)
         with lock:
-            journal[rel] = entries[rel]
+            journal[rel] = entry
             fs.pipe_file(f"{root}/{JOURNAL}", json.dumps({"files": journal}).encode())
             done.append(rel)
-            sent = sum(entries[r]["size"] for r in done)
+            sent = sum(todo[r][1]["size"] for r in done)
         if on_uploaded is not None:
             on_uploaded(rel, sent, to_upload)
 
-    order = sorted(todo, key=lambda rel: -entries[rel]["size"])
+    order = sorted(todo, key=lambda rel: -todo[rel][1]["size"])
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="darwin-publish")
     futures = [pool.submit(send, rel) for rel in order]
     wait(futures, return_when=FIRST_EXCEPTION)
