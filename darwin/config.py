@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from darwin.errors import DarwinError
 from darwin.evaluate import EvalOptions
 from darwin.genome import VERSIONS
+from darwin.health import Thresholds
 from darwin.merge import METHODS
 from darwin.quantize import SCHEMES, calibrated_schemes
 from darwin.quantize.calibration import Calibration, calibration_set
@@ -82,9 +83,13 @@ class Heldout(_Strict):
 
 
 class Health(_Strict):
-    interference: float = Field(1.5, gt=1.0)
-    function_loss: float = Field(0.5, gt=0.0, lt=1.0)
-    noise: float = Field(0.0, ge=0.0, lt=1.0)  # opt-in noise floor (darwin/health.py); 0: the method's rule exactly
+    interference: float = Field(Thresholds.interference, gt=1.0)
+    function_loss: float = Field(Thresholds.function_loss, gt=0.0, lt=1.0)
+    # opt-in noise floor (darwin/health.py); 0: the method's rule exactly
+    noise: float = Field(Thresholds.noise, ge=0.0, lt=1.0)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.interference, self.function_loss, self.noise)
 
 
 class Release(_Strict):

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from darwin.errors import DarwinError
 from darwin.report import png, write_atomic
+
+if TYPE_CHECKING:  # the run config reads Thresholds without importing pandas
+    import pandas as pd
 
 ROLES = ("child", "father", "mother")
 ABSOLUTE_FLOOR = 1e-3
@@ -34,17 +37,28 @@ def layer_curve(frame: pd.DataFrame) -> pd.Series:
     return frame.groupby("layer")["importance"].mean().sort_index()
 
 
-def check_thresholds(interference: float, function_loss: float, noise: float = 0.0) -> None:
-    if interference <= 1 or not 0 < function_loss < 1 or not 0 <= noise < 1:
-        raise DarwinError(f"health thresholds out of range: interference {interference} must be > 1, "
-                          f"function_loss {function_loss} in (0, 1), noise {noise} in [0, 1)")
+@dataclass(frozen=True)
+class Thresholds:
+    """When a layer is flagged: child > interference x max(parents), child < function_loss x min(parents), after
+    the opt-in noise floor."""
+
+    interference: float = 1.5
+    function_loss: float = 0.5
+    noise: float = 0.0
+
+    def __post_init__(self):
+        if self.interference <= 1 or not 0 < self.function_loss < 1 or not 0 <= self.noise < 1:
+            raise DarwinError(f"health thresholds out of range: interference {self.interference} must be > 1, "
+                              f"function_loss {self.function_loss} in (0, 1), noise {self.noise} in [0, 1)")
 
 
 def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.DataFrame,
-                 interference: float = 1.5, function_loss: float = 0.5, noise: float = 0.0) -> dict:
+                 thresholds: Thresholds = Thresholds()) -> dict:
     """{verdict, thresholds, layers: [{layer, child, father, mother, interference, function_loss}],
     interference: [layer...], function_loss: [layer...]} (JSON-ready)."""
-    check_thresholds(interference, function_loss, noise)
+    import pandas as pd
+
+    interference, function_loss, noise = thresholds.interference, thresholds.function_loss, thresholds.noise
     curves = pd.DataFrame({role: layer_curve(frame) for role, frame in zip(ROLES, (child_df, father_df, mother_df))})
     if curves.isna().any().any():
         missing = {role: sorted(curves.index[curves[role].isna()]) for role in ROLES if curves[role].isna().any()}
@@ -57,8 +71,7 @@ def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.
     flagged = {flag: [int(layer) for layer in curves.index[curves[flag]]] for flag in ("interference", "function_loss")}
     return {
         "verdict": "fail" if flagged["interference"] or flagged["function_loss"] else "pass",
-        "thresholds": {"interference": interference, "function_loss": function_loss, "noise": noise,
-                       "noise_floor": floor},
+        "thresholds": {**asdict(thresholds), "noise_floor": floor},
         "rule": ("importance = probe cosine distance averaged over probes"
                  + (f", raised to the noise floor max({ABSOLUTE_FLOOR}, {noise} * peak) = {floor:.6g}" if floor else "")
                  + f"; interference: child > {interference} x "
@@ -72,6 +85,7 @@ def health_check(child_df: pd.DataFrame, father_df: pd.DataFrame, mother_df: pd.
 
 def plot_health(report: dict) -> bytes:
     """PNG: child, father and mother importance per layer, flagged layers marked, the noise floor dashed."""
+    import pandas as pd
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 

@@ -234,9 +234,7 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
         best_dir = merge_child(examined.parents, genome, str(layout.path("best")), pick_device(cfg.phase2.device))
     with clock("health"):
         health = health_flow(best_dir, examined.parents.father, examined.parents.mother, str(layout.path("health")),
-                             cfg.health.interference, cfg.health.function_loss, device=cfg.phase2.device,
-                             father_probes=examined.probed["father"], mother_probes=examined.probed["mother"],
-                             noise=cfg.health.noise)
+                             cfg.health.thresholds(), cfg.phase2.device, examined.probed)
     with clock("heldout"):
         heldout = score_heldout_split(cfg, examined, best_dir)
     with clock("quantize"):

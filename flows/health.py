@@ -16,29 +16,27 @@ from pathlib import Path
 from prefect import flow
 
 from darwin.checkpoint import Checkpoint
-from darwin.health import check_thresholds
+from darwin.health import Thresholds
 from darwin.probes import load_probes, read_importance
 from darwin.runtime import pick_device
 from flows.cli import device_type
-from tasks.policy import on_gpu
 from tasks.health import health_check
+from tasks.policy import on_gpu
 from tasks.probe import probe_model
 
 FAIL_EXIT = 3
 
 
 @flow(name="darwin-health", log_prints=True)
-def health_flow(child: str, father: str, mother: str, out: str, interference: float = 1.5,
-                function_loss: float = 0.5, probes_dir: str | None = None, device: str = "auto",
-                father_probes: str | None = None, mother_probes: str | None = None,
-                trust_remote_code: bool = False, noise: float = 0.0) -> dict:
+def health_flow(child: str, father: str, mother: str, out: str, thresholds: Thresholds = Thresholds(),
+                device: str = "auto", probed: dict[str, str | None] | None = None, probes_dir: str | None = None,
+                trust_remote_code: bool = False) -> dict:
+    """`probed`: role -> `darwin probe` output of a parent already probed (its tables are reused)."""
+    models, probed = {"child": child, "father": father, "mother": mother}, probed or {}
     with on_gpu(device):
-        child_probes = probe_model(child, str(Path(out) / "child"), probes_dir, device, "child", trust_remote_code)
-        father_probes = father_probes or probe_model(father, str(Path(out) / "father"), probes_dir, device,
-                                                     "father", trust_remote_code)
-        mother_probes = mother_probes or probe_model(mother, str(Path(out) / "mother"), probes_dir, device,
-                                                     "mother", trust_remote_code)
-    return health_check(child_probes, father_probes, mother_probes, out, interference, function_loss, noise)
+        tables = [probed.get(role) or probe_model(model, str(Path(out) / role), probes_dir, device, role,
+                                                  trust_remote_code) for role, model in models.items()]
+    return health_check(*tables, out, thresholds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +62,12 @@ def command(args: argparse.Namespace) -> int:
     for given in (args.father_probes, args.mother_probes):
         if given:
             read_importance(given)
-    check_thresholds(args.interference, args.function_loss, args.noise)
+    thresholds = Thresholds(args.interference, args.function_loss, args.noise)
     load_probes(args.probes)
     pick_device(args.device)
-    report = health_flow(args.child, args.father, args.mother, args.out, args.interference, args.function_loss,
-                         args.probes, args.device, args.father_probes, args.mother_probes, args.trust_remote_code,
-                         args.noise)
+    report = health_flow(args.child, args.father, args.mother, args.out, thresholds, args.device,
+                         {"father": args.father_probes, "mother": args.mother_probes}, args.probes,
+                         args.trust_remote_code)
     flagged = {flag: report[flag] for flag in ("interference", "function_loss") if report[flag]}
     print(f"health {report['verdict']}: {flagged or 'no layer flagged'} ({Path(args.out) / 'health.json'})")
     return 0 if report["verdict"] == "pass" else FAIL_EXIT

@@ -9,10 +9,8 @@ from darwin import health, probes
 
 
 @task(task_run_name="health-check")
-def health_check(child: str, father: str, mother: str, out: str, interference: float = 1.5,
-                 function_loss: float = 0.5, noise: float = 0.0) -> dict:
-    report = health.health_check(*(probes.read_importance(path) for path in (child, father, mother)),
-                                 interference=interference, function_loss=function_loss, noise=noise)
+def health_check(child: str, father: str, mother: str, out: str, thresholds: health.Thresholds) -> dict:
+    report = health.health_check(*(probes.read_importance(path) for path in (child, father, mother)), thresholds)
     health.write_health(report, out)
     create_table_artifact(key="health", table=report["layers"], description=f"health check: {report['verdict']}")
     create_markdown_artifact(key="health-summary", markdown=health.health_markdown(report))

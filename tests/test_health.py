@@ -52,7 +52,7 @@ def test_flags_follow_the_thresholds():
     child = curves({0: 0.61, 1: 0.09, 2: 0.30})
     report = health.health_check(child, father, mother)
     assert (report["interference"], report["function_loss"]) == ([0], [1])
-    loose = health.health_check(child, father, mother, interference=1.6, function_loss=0.4)
+    loose = health.health_check(child, father, mother, health.Thresholds(interference=1.6, function_loss=0.4))
     assert loose["verdict"] == "pass"
 
 
@@ -65,7 +65,7 @@ def test_spec_rule_by_default_and_an_opt_in_noise_floor():
     exact = health.health_check(child, father, mother)
     assert (exact["verdict"], exact["interference"], exact["function_loss"]) == ("fail", [1], [2])
     assert exact["thresholds"]["noise_floor"] == 0.0
-    floored = health.health_check(child, father, mother, noise=0.05)
+    floored = health.health_check(child, father, mother, health.Thresholds(noise=0.05))
     assert floored["verdict"] == "pass"
     assert floored["thresholds"]["noise_floor"] == pytest.approx(0.05 * 0.5)
 
@@ -75,7 +75,7 @@ def test_mismatched_layers_and_bad_thresholds_are_user_errors():
     with pytest.raises(DarwinError, match="same layers"):
         health.health_check(curves({0: 0.5}), father, father)
     with pytest.raises(DarwinError, match="out of range"):
-        health.health_check(father, father, father, interference=0.9)
+        health.Thresholds(interference=0.9)
 
 
 def test_health_command_exits_3_on_a_broken_child_and_0_on_a_healthy_one(prefect_api, tmp_path_factory):
