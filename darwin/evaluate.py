@@ -60,6 +60,9 @@ class EvalResult:
     # (log-likelihood, per character for acc_norm, as the metric compares them): positive where answered right; of
     # a generative task, the metric's value of the question
     margins: dict[str, list[float]] = field(default_factory=dict)
+    # leaf task -> what its score is: the metric ("metric,filter" for a filter other than none) and lm-eval's
+    # output type of the task (the model card's model-index names both)
+    metrics: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _is_task_file(spec: str) -> bool:
@@ -228,11 +231,13 @@ def evaluate_lm(lm, task_set: TaskSet, limit: int | None = None) -> EvalResult:
         results = lm_evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True,
                               apply_chat_template=options.apply_chat_template,
                               fewshot_as_multiturn=options.fewshot_as_multiturn)
-    scores, per_question, margins = {}, {}, {}
+    scores, per_question, margins, metrics = {}, {}, {}, {}
     chosen = dict(task_set.options.metrics)
     for name, task in loaded["tasks"].items():
         metric, filter_name = _metric_key(name, results["results"][name], chosen.get(name))
         scores[name] = float(results["results"][name][f"{metric},{filter_name}"])
+        metrics[name] = {"metric": metric if filter_name == "none" else f"{metric},{filter_name}",
+                         "output_type": task.OUTPUT_TYPE}
         samples = sorted((s for s in results["samples"][name] if s.get("filter", "none") == filter_name),
                          key=lambda s: s["doc_id"])
         values = [s[metric] for s in samples]
@@ -243,7 +248,7 @@ def evaluate_lm(lm, task_set: TaskSet, limit: int | None = None) -> EvalResult:
         multiple_choice = task.OUTPUT_TYPE == "multiple_choice"
         margins[name] = [_margin(task, s, metric) if multiple_choice else float(s[metric]) for s in samples]
     fitness = sum(scores.values()) / len(scores)
-    return EvalResult(scores, fitness, per_question, time.perf_counter() - start, margins)
+    return EvalResult(scores, fitness, per_question, time.perf_counter() - start, margins, metrics)
 
 
 def _margin(task, sample: dict, metric: str) -> float:

@@ -89,6 +89,7 @@ def heldout_report(results: dict[str, EvalResult], split: str) -> dict:
         "split": split,
         "questions": len(child),
         "scores": {role: dict(result.scores) for role, result in results.items()},
+        "metrics": dict(results["child"].metrics),  # what each task's score is
         "fitness": {role: result.fitness for role, result in results.items()},
         "p_values": {parent: mcnemar(child, flat(results[parent])) for parent in ("father", "mother")},
     }

@@ -68,6 +68,8 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# lm-eval's output type of a task -> the hub's model-index task type
+MODEL_INDEX_TASKS = {"multiple_choice": "multiple-choice", "generate_until": "text-generation"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -91,9 +93,11 @@ def card_data(info: dict):
     schemes = [q.get("scheme") for q in info.get("quantization") or []]
     tags = ["merge", "darwin", "evolutionary-merge", info.get("method"), *(["nvfp4", *schemes] if schemes else [])]
     heldout = info.get("heldout") or {}
-    results = [EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
-                          dataset_split=heldout.get("split"), metric_type="acc_norm", metric_value=round(value, 4))
-               for task, value in ((heldout.get("scores") or {}).get("child") or {}).items()]
+    metrics = heldout.get("metrics") or {}
+    results = [EvalResult(task_type=MODEL_INDEX_TASKS.get(metrics[task]["output_type"], "text-generation"),
+                          dataset_type=task, dataset_name=task, dataset_split=heldout.get("split"),
+                          metric_type=metrics[task]["metric"], metric_value=round(value, 4))
+               for task, value in ((heldout.get("scores") or {}).get("child") or {}).items() if task in metrics]
     return ModelCardData(license=info.get("license", "apache-2.0"), library_name="transformers",
                          base_model=bases or None, base_model_relation=("quantized" if quantized else "merge")
                          if bases else None, tags=list(dict.fromkeys(t for t in tags if t)),

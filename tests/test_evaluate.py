@@ -96,6 +96,7 @@ def test_evaluate_matches_direct_acc_norm(model, tokenizer, toy_task):
     assert result.per_question == {"toy": acc_norm}
     assert result.scores == {"toy": pytest.approx(sum(acc_norm) / len(TOY))}
     assert result.fitness == pytest.approx(result.scores["toy"])
+    assert result.metrics == {"toy": {"metric": "acc_norm", "output_type": "multiple_choice"}}
     assert result.seconds > 0
     # the measured proxy's margins: lm-eval's own log-likelihoods per character, right answer against the best wrong
     assert result.margins["toy"] == pytest.approx(margins, abs=1e-4)
@@ -156,6 +157,7 @@ def test_a_generative_task_scored_by_the_metric_the_run_names(model, tokenizer, 
         result = evaluate(model, tokenizer, TaskSet([task], options=EvalOptions(metrics=(("gen_toy", metric),))))
         assert result.per_question == {"gen_toy": [True, False] * 3}
         assert result.fitness == pytest.approx(0.5) and result.margins == {"gen_toy": [1.0, 0.0] * 3}
+        assert result.metrics == {"gen_toy": {"metric": "exact_match", "output_type": "generate_until"}}
 
 
 def test_metrics_the_tasks_do_not_compute_or_that_are_better_lower_are_refused(toy_task, tmp_path):

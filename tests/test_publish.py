@@ -100,6 +100,8 @@ def run_dir(tmp_path, pico_checkpoint):
         "parents": {"father": "/cache/models--org--father-9b/snapshots/abc", "mother": "/models/mother", "base": None},
         "tensors": {}}))
     heldout = {"split": "test", "questions": 400, "scores": SCORES,
+               "metrics": {"skill_a": {"metric": "acc_norm", "output_type": "multiple_choice"},
+                           "skill_b": {"metric": "exact_match,strict-match", "output_type": "generate_until"}},
                "fitness": {"father": 0.465, "mother": 0.465, "child": 0.65},
                "p_values": {"father": 0.012, "mother": 0.031}}
     (run / "summary.json").write_text(json.dumps({"heldout": heldout, "genome": GENOME, "genome_hash": "f00d" * 16}))
@@ -235,8 +237,10 @@ def test_model_card_from_a_run(run_dir):
     assert {"merge", "darwin", "evolutionary-merge", "nvfp4"} <= set(meta["tags"])
     [index] = meta["model-index"]
     assert index["name"] == "darwin-pico-run"
-    assert {(r["dataset"]["name"], r["dataset"]["split"], r["metrics"][0]["value"]) for r in index["results"]} == \
-        {("skill_a", "test", 0.66), ("skill_b", "test", 0.64)}
+    assert {(r["task"]["type"], r["dataset"]["name"], r["dataset"]["split"], r["metrics"][0]["type"],
+             r["metrics"][0]["value"]) for r in index["results"]} == \
+        {("multiple-choice", "skill_a", "test", "acc_norm", 0.66),
+         ("text-generation", "skill_b", "test", "exact_match,strict-match", 0.64)}
     assert "darwin merge --father org/father-9b --mother /models/mother --genome genome.json --method darwin-v5" in body
     for gene, value in GENOME.items():
         assert f"| {gene} | {value} |" in body
