@@ -8,6 +8,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -42,9 +43,24 @@ def pick_device(device: str = "auto") -> str:
 # Where a host's darwin processes lease their GPUs (DARWIN_LEASES moves it; one directory per host, not shared)
 LEASES = Path(os.environ.get("DARWIN_LEASES", Path(tempfile.gettempdir()) / "darwin-leases"))
 _leased: dict[str, int] = {}  # slot -> the descriptor of its lock, for this process's life
-_users: Counter = Counter()  # slot -> threads of this process on it
-_lease_lock = threading.Lock()
+_users: Counter = Counter()  # slot -> live threads of this process on it
+_lease_lock = threading.RLock()  # reentrant: a seat's finalizer may run while this thread holds it
 _thread = threading.local()
+
+
+class _Seat:
+    """A thread's place on its slot, kept in the thread's locals: they are dropped when the thread ends, and with
+    them its count on the slot, so the threads of a later pool share the slots the live threads use least."""
+
+    def __init__(self, slot: str):
+        self.slot = slot
+        _users[slot] += 1
+        weakref.finalize(self, _leave, slot)
+
+
+def _leave(slot: str) -> None:
+    with _lease_lock:
+        _users[slot] -= 1
 
 
 def lease(slots: list[str], poll: float = 0.5) -> int:
@@ -56,9 +72,9 @@ def lease(slots: list[str], poll: float = 0.5) -> int:
     themselves; a process holding none waits for one to free. So two flow runs on one host never share a GPU, and
     a run's own tasks never deadlock over them.
     """
-    held = getattr(_thread, "slot", None)
-    if held in slots:
-        return slots.index(held)
+    seat = getattr(_thread, "seat", None)
+    if seat is not None and seat.slot in slots:
+        return slots.index(seat.slot)
     LEASES.mkdir(parents=True, exist_ok=True)
     while True:
         with _lease_lock:
@@ -67,8 +83,7 @@ def lease(slots: list[str], poll: float = 0.5) -> int:
                 own = [s for s in slots if s in _leased]
                 slot = min(own, key=lambda s: _users[s]) if own else None
             if slot is not None:
-                _users[slot] += 1
-                _thread.slot = slot
+                _thread.seat = _Seat(slot)
                 return slots.index(slot)
         time.sleep(poll)
 

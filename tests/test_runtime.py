@@ -66,3 +66,39 @@ def test_gpu_leases_keep_processes_of_a_host_apart(tmp_path):
     assert second.stdout.readline().strip() in ("gpu-a", "gpu-b")
     assert first.poll() is not None  # it got a GPU only once the first process was gone
     assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
+
+
+def test_threads_that_ended_leave_their_slot(tmp_path, monkeypatch):
+    """Three threads take gpu-a, gpu-b and gpu-a again (the process holds both: they share, fewest first); the two
+    on gpu-a end. A new thread takes gpu-a, now unused, not gpu-b beside the thread still running there."""
+    import os
+    import threading
+    import time
+    from collections import Counter
+
+    monkeypatch.setattr(runtime, "LEASES", tmp_path / "leases")
+    monkeypatch.setattr(runtime, "_leased", {})
+    monkeypatch.setattr(runtime, "_users", Counter())
+    slots, taken, release = ["gpu-a", "gpu-b"], {}, threading.Event()
+
+    def take(name, hold=None):
+        taken[name] = slots[runtime.lease(slots, poll=0.01)]
+        if hold is not None:
+            hold.wait(timeout=30)
+
+    first = threading.Thread(target=take, args=("first",))
+    stays = threading.Thread(target=take, args=("stays", release))
+    first.start(), first.join()
+    stays.start()
+    while "stays" not in taken:
+        time.sleep(0.01)
+    third = threading.Thread(target=take, args=("third",))
+    third.start(), third.join()
+    assert (taken["first"], taken["stays"], taken["third"]) == ("gpu-a", "gpu-b", "gpu-a")
+    fourth = threading.Thread(target=take, args=("fourth",))
+    fourth.start(), fourth.join()
+    release.set()
+    stays.join()
+    assert taken["fourth"] == "gpu-a"
+    for descriptor in runtime._leased.values():
+        os.close(descriptor)
