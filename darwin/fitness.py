@@ -231,8 +231,10 @@ def evaluate_genome(parents: Parents, genome: Genome, tasks: TaskSet, limit: int
     worker = _prepare(parents, device, options)
     plan = worker.parents.plan(genome)
     if worker.engine is not None:  # the merged tensors under their checkpoint names, into vLLM in place
-        dtypes = {tp.name: plan.source(tp).dtype for tp in plan.tensors}
-        worker.engine.load((name, dtypes[name], raw) for name, raw, _ in merged_tensors(plan))
+        # every tensor of the father's checkpoint, as the engine loaded them at its start; a tensor the mother
+        # alone holds has no parameter in a model built from his
+        dtypes = {tp.name: plan.source(tp).dtype for tp in plan.tensors if tp.carried != "mother"}
+        worker.engine.load((name, dtypes[name], raw) for name, raw, _ in merged_tensors(plan, list(dtypes)))
         merged = time.perf_counter()
         result = evaluate_lm(engine_lm(worker.engine, worker.tokenizer), tasks, limit)
     else:

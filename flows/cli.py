@@ -21,11 +21,11 @@ from importlib import metadata
 PREFECT_START_FAILED = "Timed out while attempting to connect to ephemeral Prefect API server"
 COMMANDS = {
     "profile": ("flows.mri", "Phase 0: per-tensor MRI of a model (norm, std, entropy), fanned out per shard"),
-    "merge": ("flows.merge", "merge two parents with a genome (darwin-v5, darwin-v6, dare-ties)"),
+    "merge": ("flows.merge", "merge two parents with a genome and a method (its --help lists the methods)"),
     "probe": ("flows.probe", "Phase 0: probe layer importance (and MoE routing) of a model"),
     "health": ("flows.health", "Phase 3: child against both parents, layer by layer"),
     "evolve": ("flows.evolve", "the whole run from a config: MRI, CMA-ES phases 1 and 2, health, release"),
-    "quantize": ("flows.quantize", "release: MFP4 (ModelOpt) or NVFP4A16 (compressed-tensors) with roundtrip report"),
+    "quantize": ("flows.quantize", "release: the child quantized by a scheme (its --help lists them), with roundtrip report"),
     "publish": ("flows.publish", "upload a run or model with model card and manifest to s3:// or a path"),
     "demo": ("flows.demo", "build demo parents and run the whole pipeline offline; the child beats both"),
 }
@@ -33,8 +33,8 @@ COMMANDS = {
 
 def _import_frozen(module_name: str):
     """Import a command's module with the garbage collector off, then freeze what the import made: those objects
-    live as long as the process. Torch's import alone ran collections over its growing heap, and the exit ran one
-    more over all of it: 0.3 s of `darwin merge`'s 1.2 s start and stop."""
+    live as long as the process. Otherwise torch's import alone runs collections over its growing heap, and the exit
+    one more over all of it (about a quarter of a small `darwin merge`'s start and stop on 2 cores)."""
     gc.disable()
     try:
         return importlib.import_module(module_name)

@@ -41,7 +41,6 @@ def direct_chunk(numel: int, workers: int) -> int:
     return -(-numel // pieces)
 
 
-
 class BufferRing:
     """Output memory recycled over a stream of merged tensors: `take` hands out slot after slot, so a tensor's
     memory returns `depth` tensors later, when its consumer must be done with it. Fresh memory costs a page fault
