@@ -77,6 +77,17 @@ class OpenParents:
 
 
 @dataclass(frozen=True)
+class Scoring:
+    """How a phase scores every candidate: small and picklable, as `Parents`."""
+
+    tasks: TaskSet
+    limit: int | None = None  # questions per task (None: all)
+    batch_size: int | str = 8
+    device: str = "auto"
+    cache: str | None = None  # where the fitness cache is (a directory or an fsspec URL; None: DARWIN_CACHE/fitness)
+
+
+@dataclass(frozen=True)
 class FitnessRecord:
     """What one genome scored: the fitness, per-task scores, per-question correctness and margins of the right
     answer, and where the time went. The fitness cache keeps it as JSON (`to_json`), the history one row of it."""

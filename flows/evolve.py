@@ -83,14 +83,13 @@ def _gather(futures, genomes: list[Genome]) -> list[fitness.FitnessRecord]:
 def run_generations(phase: int, state: evolution.PhaseState, steps: int, config: RunConfig, run_dir: str,
                     examined: Examined, limit: int | None, cache_dir: str | None) -> evolution.PhaseState:
     progress = start_progress(phase, steps, state.search.generation)
+    scoring = fitness.Scoring(examined.tasks, limit, config.phase2.batch_size, config.phase2.device, cache_dir)
     while state.search.generation < steps:
         generation = state.search.generation
         genomes = state.search.ask()
         with _candidate_placement(config):
-            futures = evaluate_candidate.map(
-                genomes, unmapped(examined.parents), unmapped(examined.tasks),
-                unmapped(limit), unmapped(config.phase2.batch_size), unmapped(config.phase2.device),
-                unmapped(cache_dir), unmapped(examined.inputs))
+            futures = evaluate_candidate.map(genomes, unmapped(examined.parents), unmapped(scoring),
+                                             unmapped(examined.inputs))
         records = _gather(futures, genomes)
         for record in records:
             measured = record.measured() if not record.failed else None
@@ -198,10 +197,9 @@ def score_heldout_split(cfg: RunConfig, examined: Examined, child: str) -> dict 
     if examined.heldout_tasks is None:
         return None
     models = {"father": examined.parents.father, "mother": examined.parents.mother, "child": child}
+    scoring = fitness.Scoring(examined.heldout_tasks, cfg.heldout.limit, cfg.phase2.batch_size, cfg.phase2.device)
     with on_gpu(cfg.phase2.device):
-        futures = score_heldout.map(list(models), list(models.values()), unmapped(examined.heldout_tasks),
-                                    unmapped(cfg.heldout.limit), unmapped(cfg.phase2.batch_size),
-                                    unmapped(cfg.phase2.device))
+        futures = score_heldout.map(list(models), list(models.values()), unmapped(scoring))
     return evolution.heldout_report({role: future.result() for role, future in zip(models, futures)},
                                     cfg.heldout.split)
 

@@ -16,7 +16,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from darwin import evolution, fitness
-from darwin.evaluate import EvalResult, TaskSet
+from darwin.evaluate import EvalResult
 from darwin.genome import Genome
 from darwin.report import write_atomic
 from tasks.policy import retry_unless_user_error
@@ -30,18 +30,16 @@ def _candidate_name() -> str:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_candidate_name, cache_policy=NO_CACHE)
-def evaluate_candidate(genome: Genome, parents: fitness.Parents, tasks: TaskSet, limit: int | None,
-                       batch_size: int | str, device: str, cache_dir: str | None, inputs: dict[str, str | None]
-                       ) -> fitness.FitnessRecord:
-    return fitness.evaluate_genome(parents, genome, tasks, limit, batch_size, device,
-                                   fitness.FitnessCache(cache_dir), inputs)
+def evaluate_candidate(genome: Genome, parents: fitness.Parents, scoring: fitness.Scoring,
+                       inputs: dict[str, str | None]) -> fitness.FitnessRecord:
+    return fitness.evaluate_genome(parents, genome, scoring.tasks, scoring.limit, scoring.batch_size, scoring.device,
+                                   fitness.FitnessCache(scoring.cache), inputs)
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
       task_run_name="score-heldout-{role}", cache_policy=NO_CACHE)
-def score_heldout(role: str, model: str, tasks: TaskSet, limit: int | None, batch_size: int | str,
-                  device: str) -> EvalResult:
-    return fitness.score_model(model, tasks, limit, batch_size, device)
+def score_heldout(role: str, model: str, scoring: fitness.Scoring) -> EvalResult:
+    return fitness.score_model(model, scoring.tasks, scoring.limit, scoring.batch_size, scoring.device)
 
 
 @task(task_run_name="phase1-heuristic", cache_policy=NO_CACHE)
