@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import yaml
 
+from darwin.errors import DarwinError
 from darwin.evaluate import EvalResult
 from darwin.genome import Genome, gene_names
 from darwin.report import png, write_atomic, write_parquet
@@ -25,6 +28,7 @@ from darwin.search import Search, heuristic_fitness
 from darwin.stats import mcnemar
 
 if TYPE_CHECKING:
+    from darwin.config import RunConfig
     from darwin.fitness import FitnessRecord
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
@@ -48,6 +52,24 @@ class RunLayout:
     @property
     def history(self) -> Path:
         return self.root / "history.parquet"
+
+
+def default_run_dir(config: RunConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run(config: RunConfig, run_dir: Path, resume: bool) -> None:
+    """A new RUN gets the config; an existing one must have been started with the very same config."""
+    saved = run_dir / "config.yaml"
+    wanted = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
+    if saved.exists():
+        if saved.read_text() != wanted:
+            raise DarwinError(f"{run_dir} was started with a different config; use another --out or the same config")
+        return
+    if resume:
+        raise DarwinError(f"nothing to resume: {run_dir} has no config.yaml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(wanted)
 
 
 @dataclass

@@ -116,7 +116,8 @@ def _lineage(info: dict) -> str:
     lines += [f"{father}  (father)", "    │", "    ▼", f"{mother}  (mother)", "    │",
               f"    │   {info.get('method', 'evolutionary merge')}", "    ▼", f"{info.get('name', 'child')}  (child)"]
     for q in info.get("quantization") or []:
-        lines += ["    │", "    ▼", f"{info.get('name', 'child')}-{q.get('scheme')}  ({q.get('scheme')}, at {q.get('path')})"]
+        lines += ["    │", "    ▼",
+                  f"{info.get('name', 'child')}-{q.get('scheme')}  ({q.get('scheme')}, at {q.get('path')})"]
     return "\n".join(lines + ["```"])
 
 

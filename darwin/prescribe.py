@@ -63,4 +63,5 @@ def dead_expert_donors(name: str, shape: tuple[int, ...], block: int | None, pro
         return {}
     dead_a = (profile_a.dead_experts or {}).get(block, set())
     dead_b = (profile_b.dead_experts or {}).get(block, set())
-    return {e: "mother" if e in dead_a else "father" for e in expert_slices(name, shape) if (e in dead_a) != (e in dead_b)}
+    return {e: "mother" if e in dead_a else "father" for e in expert_slices(name, shape)
+            if (e in dead_a) != (e in dead_b)}

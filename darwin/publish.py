@@ -1,9 +1,9 @@
 """Publish a run or a model directory to `s3://bucket/prefix`, any fsspec URL, `file://` or a local path.
 
 Every file is hashed (sha256) locally, in parallel, before it is uploaded (one extra local read, which the page
-cache mostly absorbs: the hash decides what a re-run may skip, so it comes first); `manifest.json` (path, size, sha256 of every file, the
-genome_hash and source commit when given, the creation time) is written LAST, so a destination without a manifest is
-never taken for a complete release.
+cache mostly absorbs: the hash decides what a re-run may skip, so it comes first); `manifest.json` (path, size,
+sha256 of every file, the genome_hash and source commit when given, the creation time) is written LAST, so a
+destination without a manifest is never taken for a complete release.
 
 Resuming: after each file arrives, its size and sha256 are appended to `manifest.partial.json` at the destination.
 A re-run skips a file when that journal (or a finished `manifest.json`) records the same sha256 as the local file
@@ -172,7 +172,8 @@ def publish(source_dir: str | Path, dest: str, *, card: str | None = None, extra
             _upload(_Target(fs, root, dest), {rel: (files[rel], entries[rel]) for rel in todo}, journal, workers,
                     put_options, on_uploaded)
     manifest = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                **{k: v for k, v in (extra or {}).items() if v is not None}, "files": [entries[rel] for rel in sorted(entries)],
+                **{k: v for k, v in (extra or {}).items() if v is not None},
+                "files": [entries[rel] for rel in sorted(entries)],
                 "total_size": sum(entry["size"] for entry in entries.values())}
     try:
         fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())

@@ -25,7 +25,7 @@ COMMANDS = {
     "probe": ("flows.probe", "Phase 0: probe layer importance (and MoE routing) of a model"),
     "health": ("flows.health", "Phase 3: child against both parents, layer by layer"),
     "evolve": ("flows.evolve", "the whole run from a config: MRI, CMA-ES phases 1 and 2, health, release"),
-    "quantize": ("flows.quantize", "release: the child quantized by a scheme (its --help lists them), with roundtrip report"),
+    "quantize": ("flows.quantize", "release: the child quantized by a scheme (--help lists them) and its roundtrip"),
     "publish": ("flows.publish", "upload a run or model with model card and manifest to s3:// or a path"),
     "demo": ("flows.demo", "build demo parents and run the whole pipeline offline; the child beats both"),
 }

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from darwin import evolution
 from darwin.config import parse_config
 from darwin.demo import run as demo
 from darwin.demo.parents import SHIPPED, build_parents, parents_stamp, shipped_parents
@@ -27,7 +28,7 @@ from darwin.demo.skills import write_skill_tasks
 from darwin.errors import DarwinError
 from darwin.report import write_json
 from darwin.runtime import CACHE_ROOT
-from flows.evolve import evolve_flow, prepare_run
+from flows.evolve import evolve_flow
 
 DEFAULT_CACHE = CACHE_ROOT / "demo"
 
@@ -49,7 +50,8 @@ def demo_flow(out: str, seed: int = 0, small: bool = False, rebuild_parents: boo
     built = time.perf_counter()
     tasks = write_skill_tasks(run / "tasks", parents_stamp(parents)["seed"])
     config = parse_config(demo.demo_config(parents, tasks, small, seed, release_dest=run / "release"))
-    prepare_run(config, run / "evolution", resume=False)  # a second demo into the same RUN resumes its evolution
+    # a second demo into the same RUN resumes its evolution
+    evolution.prepare_run(config, run / "evolution", resume=False)
     evolved = evolve_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
         config.model_dump(mode="json"), str(run / "evolution"))
     report = evolved["heldout"]

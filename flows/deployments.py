@@ -11,8 +11,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from darwin import evolution
 from darwin.config import load_config
-from flows.evolve import default_run_dir, run_evolution
+from flows.evolve import run_evolution
 
 
 @flow(name="darwin-evolve-from-file", log_prints=True)
@@ -21,6 +22,6 @@ def evolve_from_file(config_path: str, run_dir: str | None = None, runs_root: st
     """Evolve the config at CONFIG_PATH into RUN_DIR (default RUNS_ROOT/<father>x<mother>-<time>); re-running into
     an existing RUN_DIR resumes it. CACHE_DIR, shared between runs, keeps a genome from being evaluated twice."""
     config = load_config(config_path)
-    run = Path(run_dir) if run_dir else default_run_dir(config, runs_root)
+    run = Path(run_dir) if run_dir else evolution.default_run_dir(config, runs_root)
     summary = run_evolution(config, run, force_release=force_release, cache_dir=cache_dir)
     return {"run_dir": str(run), **summary}

@@ -16,12 +16,10 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from darwin import evolution, fitness, stats
 from darwin.checkpoint import Checkpoint
@@ -36,8 +34,8 @@ from flows.health import health_flow
 from flows.mri import profile_flow
 from flows.publish import publish_flow
 from flows.quantize import release_flow
+from flows.runner import candidate_placement, task_runner
 from tasks.evolve import (
-    default_workers,
     evaluate_candidate,
     record_generation,
     report_evolution,
@@ -48,17 +46,6 @@ from tasks.evolve import (
 from tasks.merge import merge_child
 from tasks.policy import on_gpu
 from tasks.probe import probe_model, routing_stats
-
-
-def _candidate_placement(config: RunConfig):
-    """On Ray each genome claims one GPU (or one CPU on a CPU-only cluster); locally one of the host's GPU slots."""
-    if config.runner.kind != "ray":
-        return on_gpu(config.phase2.device)
-    import ray
-    from prefect_ray.context import remote_options
-
-    has_gpu = config.phase2.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
-    return remote_options(num_gpus=1) if has_gpu else remote_options(num_cpus=1)
 
 
 def _gather(futures, genomes: list[Genome]) -> list[fitness.FitnessRecord]:
@@ -87,7 +74,7 @@ def run_generations(phase: int, state: evolution.PhaseState, steps: int, config:
     while state.search.generation < steps:
         generation = state.search.generation
         genomes = state.search.ask()
-        with _candidate_placement(config):
+        with candidate_placement(config):
             futures = evaluate_candidate.map(genomes, unmapped(examined.parents), unmapped(scoring),
                                              unmapped(examined.inputs))
         records = _gather(futures, genomes)
@@ -248,44 +235,9 @@ def evolve_flow(config: dict, run_dir: str, force_release: bool = False, cache_d
     return summary
 
 
-PREFECT_CLIENT_ENV = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
-
-
-def task_runner(config: RunConfig):
-    if config.runner.kind == "ray":
-        if not os.environ.get("PREFECT_API_URL"):
-            raise DarwinError("runner: ray needs PREFECT_API_URL pointing at a Prefect server (without one every "
-                              "Ray worker starts its own temporary server): run `prefect server start` and export "
-                              "PREFECT_API_URL=http://127.0.0.1:4200/api")
-        from prefect_ray import RayTaskRunner
-
-        # the workers report to the same Prefect API, authenticated as the driver is
-        client = {key: os.environ[key] for key in PREFECT_CLIENT_ENV if os.environ.get(key)}
-        return RayTaskRunner(address=config.runner.address, init_kwargs={"runtime_env": {"env_vars": client}})
-    return ThreadPoolTaskRunner(max_workers=config.runner.workers or default_workers())
-
-
-def default_run_dir(config: RunConfig, root: str | Path = "runs") -> Path:
-    return Path(root) / f"{Path(config.father).name}x{Path(config.mother).name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def prepare_run(config: RunConfig, run_dir: Path, resume: bool) -> None:
-    """A new RUN gets the config; an existing one must have been started with the very same config."""
-    saved = run_dir / "config.yaml"
-    wanted = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
-    if saved.exists():
-        if saved.read_text() != wanted:
-            raise DarwinError(f"{run_dir} was started with a different config; use another --out or the same config")
-        return
-    if resume:
-        raise DarwinError(f"nothing to resume: {run_dir} has no config.yaml")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(wanted)
-
-
 def run_evolution(config: RunConfig, run_dir: Path, resume: bool = False, force_release: bool = False,
                   cache_dir: str | None = None) -> dict:
-    prepare_run(config, run_dir, resume)
+    evolution.prepare_run(config, run_dir, resume)
     runner = task_runner(config)
     return evolve_flow.with_options(task_runner=runner)(config.model_dump(mode="json"), str(run_dir),
                                                         force_release, cache_dir)
@@ -322,7 +274,7 @@ def command(args: argparse.Namespace) -> int:
     if config.phase2.apply_chat_template:
         check_chat_template(Checkpoint(config.father).path)
     config.release.calibration_set()  # an unreadable calibration file or task fails here
-    run_dir = Path(args.out) if args.out else default_run_dir(config)
+    run_dir = Path(args.out) if args.out else evolution.default_run_dir(config)
     summary = run_evolution(config, run_dir, args.resume, args.force_release, args.fitness_cache)
     best = summary["best"]
     print(f"{run_dir}: best fitness {best['fitness']:.4f} genome {best['genome_hash'][:12]}, "

@@ -5,8 +5,8 @@
                  [--device cpu|cuda] [--strict] [--allow-pickle] --out OUT
 
 Parents laid out differently merge by the pairing rules of README's "Merging a release with its fine-tune" (a
-tensor one parent alone holds is carried from it, dtype-only differences merge in float32, wrapper-only architecture differences merge); --strict refuses any
-difference.
+tensor one parent alone holds is carried from it, dtype-only differences merge in float32, wrapper-only architecture
+differences merge); --strict refuses any difference.
 
 This command calls the engine directly: on CPU it imports neither Prefect nor torch nor pandas, so it starts in
 about 0.1 s; the evolution flow runs the same engine through `tasks.merge.merge_child`.

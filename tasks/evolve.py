@@ -3,7 +3,6 @@ per model of the held-out report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -79,12 +78,3 @@ def report_evolution(rows: list[dict], version: str, blocks: int, run_dir: str, 
              ", ".join(f"{name} {value:.3f}" for name, value in spearman.items() if value is not None)]
     create_markdown_artifact(key="evolution", markdown="\n".join(lines))
     return top
-
-
-def default_workers() -> int:
-    """One genome per GPU; on CPU a few workers, but never more than half the cores (torch uses the rest)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return max(1, min(4, (os.cpu_count() or 2) // 2))

@@ -1,4 +1,5 @@
-"""Prefect task of the release's last step: upload with checksums and a manifest written last, retried on interruption."""
+"""Prefect task of the release's last step: upload with checksums and a manifest written last, retried on
+interruption."""
 
 from __future__ import annotations
 

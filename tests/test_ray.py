@@ -8,7 +8,7 @@ import pytest
 from test_evolve import config_for
 
 from darwin.errors import DarwinError
-from flows import evolve
+from flows import evolve, runner
 
 
 @pytest.fixture
@@ -49,4 +49,4 @@ def test_ray_runner_runs_the_evolve_flow(local_ray, pico_family, tmp_path):
 def test_ray_runner_needs_a_prefect_server(monkeypatch, pico_family):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with pytest.raises(DarwinError, match="PREFECT_API_URL"):
-        evolve.task_runner(config_for(pico_family, runner={"kind": "ray"}))
+        runner.task_runner(config_for(pico_family, runner={"kind": "ray"}))

@@ -2,7 +2,8 @@
 
 Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
 routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
-exclusions for everything the card keeps BF16, max calibration (darwin.quantize.calibration), then `export_hf_checkpoint`.
+exclusions for everything the card keeps BF16, max calibration (darwin.quantize.calibration), then
+`export_hf_checkpoint`.
 The export is the layout vLLM loads with `--quantization modelopt_fp4` (routed experts stored fused come out per
 expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`): per quantized linear `weight` (uint8, two
 E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and

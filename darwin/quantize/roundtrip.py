@@ -13,9 +13,9 @@ methods take column 0 of w13's scales), so a file whose parts disagree decodes w
 this report shows it.
 
 Routed experts stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]: Qwen3.5-MoE,
-Gemma 4) are released per expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj` (`darwin.experts.expert_parts`): the names
-vLLM's expert mapping reads quantized parameters from (a fused quantized tensor has no name it loads), and what
-ModelOpt's export and llm-compressor write.
+Gemma 4) are released per expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`
+(`darwin.experts.expert_parts`): the names vLLM's expert mapping reads quantized parameters from (a fused quantized
+tensor has no name it loads), and what ModelOpt's export and llm-compressor write.
 """
 
 from __future__ import annotations
