@@ -1,9 +1,9 @@
 """MFP4 (Darwin-9B-MFP4): NVIDIA ModelOpt NVFP4 on the MLP, expert and shared-expert linears only.
 
 Recipe: ModelOpt's own NVFP4_MLP_ONLY_CFG (which already ends with ModelOpt's default disabled quantizers:
-routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding), plus explicit
-exclusions for everything the card keeps BF16, max calibration (darwin.quantize.calibration), then
-`export_hf_checkpoint`.
+routers, lm_head, vision, mtp, linear-attention conv and a/b projections, BatchNorm, Embedding) with the quantizers
+off on every module whose weight is of a kind the card keeps BF16 (the family's kinds, darwin/families: attention,
+routers, embeddings, vision...), max calibration (darwin.quantize.calibration), then `export_hf_checkpoint`.
 The export is the layout vLLM loads with `--quantization modelopt_fp4` (routed experts stored fused come out per
 expert, `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`): per quantized linear `weight` (uint8, two
 E2M1 codes a byte, low nibble first), `weight_scale` (float8_e4m3fn, one per 16 inputs), `weight_scale_2` and
@@ -35,12 +35,8 @@ from darwin.runtime import load_pretrained, pick_device
 BACKEND = "darwin_nvfp4_torch"
 BLOCK = 16
 
-# Everything the card keeps BF16, named as in Qwen3.5 (dense and MoE, split or fused projections) and the
-# decoder families; ModelOpt matches these against quantizer names, later entries win.
-KEEP_BF16 = [
-    "*self_attn*", "*linear_attn*", "*mlp.gate.*", "*shared_expert_gate*", "*embed_tokens*", "*lm_head*",
-    "*visual*", "mtp*",
-]
+# What the card quantizes (darwin/families kinds); every other module with weights stays BF16
+QUANTIZED_KINDS = ("mlp", "expert", "shared_expert")
 
 
 def nvfp4_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
@@ -56,11 +52,20 @@ def nvfp4_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
                              block_sizes={-1: BLOCK})
 
 
-def quant_config(cpu: bool) -> dict:
+def kept_modules(ckpt: Checkpoint, model) -> list[str]:
+    """The model's modules with a weight matrix whose kind the card keeps BF16, as the checkpoint's family
+    classifies the weight (the model is built by the checkpoint's own architecture class: same names)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(weight := getattr(module, "weight", None), torch.Tensor) and weight.dim() >= 2
+            and ckpt.kind(f"{name}.weight")[0] not in QUANTIZED_KINDS]
+
+
+def quant_config(cpu: bool, kept: list[str]) -> dict:
+    """ModelOpt's NVFP4_MLP_ONLY_CFG with the `kept` modules' quantizers off (later entries win)."""
     from modelopt.torch.quantization.config import NVFP4_MLP_ONLY_CFG
 
     config = copy.deepcopy(NVFP4_MLP_ONLY_CFG)
-    config["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in KEEP_BF16]
+    config["quant_cfg"] += [{"quantizer_name": f"{name}.*", "enable": False} for name in kept]
     if cpu:
         for entry in config["quant_cfg"]:
             if "cfg" in entry:
@@ -111,7 +116,7 @@ def calibrate(ckpt: Checkpoint, calibration: Calibration, device: str = "cpu", p
                 if progress is not None:
                     progress(done, len(prompts))
 
-    mtq.quantize(hf_model, quant_config(cpu=device == "cpu"), forward_loop)
+    mtq.quantize(hf_model, quant_config(device == "cpu", kept_modules(ckpt, hf_model)), forward_loop)
     return hf_model, tokenizer
 
 
