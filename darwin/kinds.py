@@ -1,8 +1,9 @@
 """Tensor kinds: which part of the network a tensor belongs to, from its name, per architecture family.
 
-Architecture knowledge lives in `darwin/families/*.yaml`, one file per family: ordered (kind, regex) rules and
-the regex that finds the decoder block. A family may `extends` another; its own rules are tried first. A new
-family is a new YAML file, no code.
+Architecture knowledge lives in `darwin/families/*.yaml`, one file per family: ordered (kind, regex) rules, the
+regex that finds the decoder block and, for mixture-of-experts families, where a decoder layer's router is and what
+it returns. A family may `extends` another; its own rules are tried first. A new family is a new YAML file, no
+code.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ KINDS = (
     "other",
 )
 DEFAULT_FAMILY = "decoder"
+# What the first element of a router's output tuple holds (the rest: top-k weights, top-k indices)
+ROUTER_OUTPUTS = ("logits", "probs")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Family:
     model_types: tuple[str, ...]
     block: re.Pattern
     rules: tuple[tuple[str, re.Pattern], ...]
+    router: tuple[str, str] | None = None  # (module path inside a decoder layer, one of ROUTER_OUTPUTS)
 
     def classify(self, name: str) -> tuple[str, int | None]:
         """(kind, decoder block index or None) of a tensor name; `other` where no rule matches."""
@@ -53,11 +57,15 @@ def family(name: str) -> Family:
         if kind not in KINDS:
             raise DarwinError(f"family {name}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
     block = raw.get("block")
+    router = tuple(raw["router"]) if raw.get("router") else parent.router if parent else None
+    if router is not None and (len(router) != 2 or router[1] not in ROUTER_OUTPUTS):
+        raise DarwinError(f"family {name}: router must be [module path, {' | '.join(ROUTER_OUTPUTS)}], got {router}")
     return Family(
         name=name,
         model_types=tuple(raw.get("model_types", [])),
         block=re.compile(block) if block else parent.block,
         rules=tuple(rules) + (parent.rules if parent else ()),
+        router=router,
     )
 
 

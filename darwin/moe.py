@@ -7,11 +7,12 @@ Per decoder layer and expert, over the real (non-pad) tokens of the calibration 
   repeated on its expert rows);
 - `dead` = frequency < 0.05 * top_k / num_experts (below 5% of the uniform share: docs/method.md's rule).
 
-Router outputs are read with forward hooks on the router modules, so the top-k is exactly the one transformers
-routes with: `Qwen3MoeTopKRouter` / `Qwen3_5MoeTopKRouter` (`mlp.gate`) return (logits, top-k weights, top-k
-indices), the softmax taken in float32 before `torch.topk`; Gemma 4's `router` returns the softmax itself in
-place of the logits. The router sees the batch flattened to (batch * sequence, hidden), so the attention mask
-flattened the same way selects the real tokens.
+Router outputs are read with forward hooks on the router modules (where the family table puts them:
+darwin/families `router`), so the top-k is exactly the one transformers routes with: `Qwen3MoeTopKRouter` /
+`Qwen3_5MoeTopKRouter` (`mlp.gate`) return (logits, top-k weights, top-k indices), the softmax taken in float32
+before `torch.topk`; Gemma 4's `router` returns the softmax itself in place of the logits. The router sees the
+batch flattened to (batch * sequence, hidden), so the attention mask flattened the same way selects the real
+tokens.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import pandas as pd
 import torch
 
 from darwin.errors import DarwinError
+from darwin.kinds import family_for_config
 from darwin.probes import batches, decoder_layers
 from darwin.report import png, read_table, write_table
 
 COLUMNS = ["layer", "expert", "frequency", "entropy", "dead"]
 DEAD_SHARE = 0.05
-# Router module (path inside a decoder layer) -> what the first element of its output tuple holds.
-ROUTERS = {"mlp.gate": "logits", "router": "probs"}
 
 
 def dead_rule(top_k: int, num_experts: int) -> str:
@@ -48,18 +48,21 @@ def checkpoint_has_experts(model: str | os.PathLike) -> bool:
 
 
 def routers(model) -> dict[int, tuple[torch.nn.Module, str]]:
-    """{layer: (router module, 'logits' | 'probs')} for the decoder layers that route to experts."""
+    """{layer: (router module, 'logits' | 'probs')} for the decoder layers that route to experts, where the model's
+    family (darwin/families) says its router is."""
+    router = family_for_config(model.config.to_dict()).router
+    if router is None:
+        return {}
+    path, output = router
     found = {}
     for index, layer in enumerate(decoder_layers(model)):
-        for path, output in ROUTERS.items():
-            try:
-                module = layer.get_submodule(path)
-            except AttributeError:
-                continue
-            # A dense MLP's `gate` would be a plain projection: routers hold one weight row per expert.
-            if not isinstance(module, torch.nn.Linear):
-                found[index] = (module, output)
-                break
+        try:
+            module = layer.get_submodule(path)
+        except AttributeError:  # a dense layer of a family with experts (or a dense model of it)
+            continue
+        # A dense MLP's `gate` would be a plain projection: routers hold one weight row per expert.
+        if not isinstance(module, torch.nn.Linear):
+            found[index] = (module, output)
     return found
 
 
@@ -94,7 +97,7 @@ def routing_stats(model, tokenizer, texts: list[str], device=None, batch_size: i
     """DataFrame (layer, expert, frequency, entropy, dead); `attrs` hold the dead rule, top_k and token count."""
     found = routers(model)
     if not found:
-        raise DarwinError(f"{type(model).__name__} has no expert routers (mlp.gate or router) to profile")
+        raise DarwinError(f"{type(model).__name__} has no expert routers to profile")
     device = device or next(model.parameters()).device
     recorders = {index: _Recorder(output) for index, (_, output) in found.items()}
     handles = [module.register_forward_hook(recorders[index]) for index, (module, _) in found.items()]
