@@ -24,7 +24,7 @@ MIX1 = 0xBF58476D1CE4E5B9
 MIX2 = 0x94D049BB133111EB
 U24 = 1 << 24
 # CPU chunks: below torch's parallel grain (32768), so a chunk's ops never fork OpenMP threads (chunks run in parallel
-# instead), and small enough that the int64 temporaries stay in cache (4M-element chunks ran 7x slower).
+# instead), and small enough that the int64 temporaries stay in cache (4M-element chunks run about 7x slower).
 CHUNK = 32_000
 # CUDA chunks: large, so kernel launches do not dominate.
 CUDA_CHUNK = 1 << 22

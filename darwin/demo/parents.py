@@ -46,7 +46,7 @@ TRACE_STEPS = 5  # first losses of each training kept in parents.json
 # Training's thread counts are part of the recipe: another count sums floats in another order, and the bytes
 # would depend on the machine's cores. The base trains on two (1.75x one), the two fine-tunes on one each.
 BASE_THREADS = 2
-# every decoder linear: a LoRA on the attention projections only was measured to merge worse (darwin/demo/README.md)
+# every decoder linear: a LoRA on the attention projections only merges worse (darwin/demo/README.md)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
                 "down_proj"]
 
