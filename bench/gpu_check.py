@@ -121,8 +121,9 @@ def synthetic_qwen35(work: Path, sizes: dict, device: str) -> dict[str, Path]:
 def phase2_check(work: Path, arc: Path, sizes: dict, device: str, limit: int | None, batch_size: int | str
                  ) -> tuple[dict, dict]:
     from darwin.evaluate import arc_task_file, prepared_tasks
-    from darwin.fitness import FitnessCache, Parents, evaluate_genome
+    from darwin.fitness import FitnessCache, evaluate_genome
     from darwin.genome import Genome
+    from darwin.parents import Parents
 
     paths, build_seconds = timed(lambda: synthetic_qwen35(work, sizes, device))
     task = arc_task_file(arc, work / "tasks")

@@ -77,11 +77,12 @@ def direct(parents: dict[str, Path], tasks: list[str], args, cache: Path) -> Non
     """evaluate_genome on the genomes CMA-ES would ask for, without Prefect."""
     from darwin import fitness
     from darwin.evaluate import TaskSet
+    from darwin.parents import Parents
     from darwin.search import Search
 
     task_set = TaskSet(tasks, "validation")
     search = Search("v6", 2, args.popsize, seed=0)
-    who = fitness.Parents(str(parents["father"]), str(parents["mother"]), "dare-ties", str(parents["base"]))
+    who = Parents(str(parents["father"]), str(parents["mother"]), "dare-ties", str(parents["base"]))
     prints = fitness.run_inputs(who)
     print(f"\n1. direct evaluate_genome ({args.steps} x {args.popsize} genomes, {args.limit} questions per task)")
     print(f"{'step':>4s} {'wall s':>7s} {'merge':>6s} {'eval':>6s} {'other':>6s}   merge s  eval s")

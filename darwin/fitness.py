@@ -24,9 +24,9 @@ import torch
 from darwin.checkpoint import Checkpoint, content_sha256, torch_dtype
 from darwin.evaluate import EvalOptions, EvalResult, TaskSet, evaluate, evaluate_lm, fitness_cache_key
 from darwin.genome import Genome
-from darwin.merge import MergePlan, merge_into_model, merged_tensors, plan_merge
+from darwin.merge import merge_into_model, merged_tensors
+from darwin.parents import Parents
 from darwin.prescribe import RULES_VERSION
-from darwin.profiles import ParentProfile
 from darwin.runtime import CACHE_ROOT, pick_device
 from darwin.vllm_engine import VLLMEngine, VLLMSettings, engine_lm
 
@@ -37,43 +37,6 @@ DEFAULT_CACHE = CACHE_ROOT / "fitness"
 # Part of every cache key: bump when a cached record gains or changes a field (a record without `margins` broke the
 # measured proxy of a later darwin)
 RECORD_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Parents:
-    """What every candidate of a run shares: small and picklable, so it travels to any worker."""
-
-    father: str
-    mother: str
-    method: str
-    base: str | None = None
-    mri_father: str | None = None
-    mri_mother: str | None = None
-    probes_father: str | None = None
-    probes_mother: str | None = None
-
-    def open(self) -> OpenParents:
-        """The parents' checkpoints (headers) and profiles, read once per worker."""
-        return OpenParents(self.method, Checkpoint(self.father), Checkpoint(self.mother),
-                           Checkpoint(self.base) if self.base else None, self.profiles())
-
-    def profiles(self) -> tuple[ParentProfile, ParentProfile]:
-        return (ParentProfile.load(self.mri_father, self.probes_father),
-                ParentProfile.load(self.mri_mother, self.probes_mother))
-
-
-@dataclass(frozen=True)
-class OpenParents:
-    """`Parents` opened: what a merge plan is made of."""
-
-    method: str
-    father: Checkpoint
-    mother: Checkpoint
-    base: Checkpoint | None
-    profiles: tuple[ParentProfile, ParentProfile]
-
-    def plan(self, genome: Genome) -> MergePlan:
-        return plan_merge(self.father, self.mother, genome, self.method, base=self.base, profiles=self.profiles)
 
 
 @dataclass(frozen=True)

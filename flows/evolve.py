@@ -27,6 +27,7 @@ from darwin.config import RunConfig, load_config, parse_config
 from darwin.errors import DarwinError
 from darwin.evaluate import TaskSet, check_chat_template, prepared_tasks
 from darwin.genome import VERSIONS, Genome
+from darwin.parents import Parents
 from darwin.report import write_json
 from darwin.runtime import pick_device
 from darwin.search import Search, heuristic_fitness, prescription_by_gene
@@ -120,7 +121,7 @@ class Clock:
 class Examined:
     """What Phase 0 leaves the rest of the run."""
 
-    parents: fitness.Parents  # checkpoints with their MRI, probe and routing tables
+    parents: Parents  # checkpoints with their MRI, probe and routing tables
     probed: dict[str, str | None]  # role -> probe tables (the health check reuses them), None where none ran
     prescription: dict[str, float]  # Phase 1's heuristic reads it
     inputs: dict[str, str | None]  # what every fitness depends on besides genome and tasks
@@ -146,7 +147,7 @@ def examine_parents(cfg: RunConfig, layout: evolution.RunLayout) -> Examined:
             routed = routing_stats(source, out, device=device, label=role)
         if routed or probed[role]:
             signals[role] = out
-    parents = fitness.Parents(sources["father"], sources["mother"], cfg.method,
+    parents = Parents(sources["father"], sources["mother"], cfg.method,
                               Checkpoint(cfg.base).source if cfg.base else None, mri["father"], mri["mother"],
                               signals["father"], signals["mother"])
     kinds = {name: father.kind(name)[0] for name in father.tensors}

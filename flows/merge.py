@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from darwin.checkpoint import Checkpoint
 from darwin.genome import Genome
-from darwin.merge import METHODS, merge_to_dir, plan_merge
-from darwin.profiles import ParentProfile
+from darwin.merge import METHODS, merge_to_dir
+from darwin.parents import Parents
 from darwin.progress import Tracker
 from darwin.runtime import pick_device
 from flows.cli import device_type
@@ -47,12 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     genome = Genome.load(args.genome)
-    plan = plan_merge(
-        Checkpoint(args.father, args.allow_pickle), Checkpoint(args.mother, args.allow_pickle), genome, args.method,
-        base=Checkpoint(args.base, args.allow_pickle) if args.base else None,
-        profiles=(ParentProfile.load(args.mri_father, args.probes_father),
-                  ParentProfile.load(args.mri_mother, args.probes_mother)), strict=args.strict,
-    )
+    parents = Parents(args.father, args.mother, args.method, args.base, args.mri_father, args.mri_mother,
+                      args.probes_father, args.probes_mother)
+    plan = parents.open(args.allow_pickle).plan(genome, args.strict)
     # a bar moved per tensor in a terminal (mergekit shows one too), nothing under -q or into a file or a pipe
     with Tracker("merge", unit="B") as progress:
         out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite,

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from darwin import evolution, fitness
 from darwin.evaluate import EvalResult
 from darwin.genome import Genome
+from darwin.parents import Parents
 from darwin.report import write_atomic
 from tasks.policy import retry_unless_user_error
 
@@ -29,7 +30,7 @@ def _candidate_name() -> str:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.3, retry_condition_fn=retry_unless_user_error,
       task_run_name=_candidate_name, cache_policy=NO_CACHE)
-def evaluate_candidate(genome: Genome, parents: fitness.Parents, scoring: fitness.Scoring,
+def evaluate_candidate(genome: Genome, parents: Parents, scoring: fitness.Scoring,
                        inputs: dict[str, str | None]) -> fitness.FitnessRecord:
     return fitness.evaluate_genome(parents, genome, scoring.tasks, scoring.limit, scoring.batch_size, scoring.device,
                                    fitness.FitnessCache(scoring.cache), inputs)

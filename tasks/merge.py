@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import task
 
-from darwin.fitness import Parents
 from darwin.genome import Genome
 from darwin.merge import existing_merge, merge_to_dir
+from darwin.parents import Parents
 from tasks import tracked
 from tasks.policy import retry_unless_user_error
 

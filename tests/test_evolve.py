@@ -16,6 +16,7 @@ from darwin.evaluate import multiple_choice_task_file
 from darwin.fitness import FitnessRecord
 from darwin import evolution
 from darwin.genome import Genome, gene_names
+from darwin.parents import Parents
 from darwin.search import PRIOR, Search, heuristic_fitness
 from flows import evolve
 from flows.cli import main
@@ -197,8 +198,8 @@ def test_runs_differing_in_method_or_a_late_tensor_share_no_cache_entry(pico_fam
         return fitness_cache_key(darwin.fitness.run_inputs(parents), "g" * 64, [str(pico_family["task"])], None)
 
     paths = {role: str(pico_family[role]) for role in ("father", "mother", "base")}
-    v5 = darwin.fitness.Parents(paths["father"], paths["mother"], "darwin-v5", paths["base"])
-    dare = darwin.fitness.Parents(paths["father"], paths["mother"], "dare-ties", paths["base"])
+    v5 = Parents(paths["father"], paths["mother"], "darwin-v5", paths["base"])
+    dare = Parents(paths["father"], paths["mother"], "dare-ties", paths["base"])
     assert key(v5) != key(dare)
     # the mother in one shard, and a copy of it whose last tensor differs in one value, far past its first 64 KiB
     from safetensors.torch import load_file, save_file
@@ -218,9 +219,9 @@ def test_runs_differing_in_method_or_a_late_tensor_share_no_cache_entry(pico_fam
         value = handle.read(1)
         handle.seek(size - 2)
         handle.write(bytes([value[0] ^ 1]))
-    same, changed = (darwin.fitness.Parents(paths["father"], str(d), "dare-ties", paths["base"]) for d in (one, late))
+    same, changed = (Parents(paths["father"], str(d), "dare-ties", paths["base"]) for d in (one, late))
     assert key(same) != key(changed)
-    assert key(darwin.fitness.Parents(paths["father"], str(one), "dare-ties", paths["base"])) == key(same)  # stable
+    assert key(Parents(paths["father"], str(one), "dare-ties", paths["base"])) == key(same)  # stable
 
 
 class Interrupted(Exception):

@@ -287,7 +287,7 @@ def test_buffer_ring_hands_memory_back_only_after_depth_takes():
 
 
 def test_merge_task_is_idempotent(parents, tmp_path):
-    from darwin.fitness import Parents
+    from darwin.parents import Parents
     from tasks.merge import merge_child
 
     out = tmp_path / "child"

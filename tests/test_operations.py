@@ -25,8 +25,8 @@ from test_publish import MotoS3
 
 from darwin.checkpoint import Checkpoint
 from darwin.errors import DarwinError
-from darwin.fitness import Parents
 from darwin.genome import Genome
+from darwin.parents import Parents
 from tasks.merge import merge_child
 
 ROOT = Path(__file__).resolve().parents[1]

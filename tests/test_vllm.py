@@ -184,7 +184,8 @@ def test_phase2_on_vllm_scores_every_question_as_the_hf_backend(vllm_python, tmp
     from darwin.config import parse_config
     from darwin.errors import DarwinError
     from darwin.evaluate import multiple_choice_task_file, prepared_tasks
-    from darwin.fitness import FitnessCache, Parents, evaluate_genome, score_model
+    from darwin.fitness import FitnessCache, evaluate_genome, score_model
+    from darwin.parents import Parents
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
@@ -233,7 +234,8 @@ def test_darwin_evolve_runs_phase2_on_vllm(vllm_python, tmp_path, monkeypatch, p
 
     from darwin.config import parse_config
     from darwin.evaluate import multiple_choice_task_file, prepared_tasks
-    from darwin.fitness import FitnessCache, Parents, evaluate_genome
+    from darwin.fitness import FitnessCache, evaluate_genome
+    from darwin.parents import Parents
     from flows import evolve
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
