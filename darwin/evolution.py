@@ -22,6 +22,7 @@ import yaml
 
 from darwin.errors import DarwinError
 from darwin.evaluate import EvalResult
+from darwin.fitness import FitnessRecord
 from darwin.genome import Genome, gene_names
 from darwin.report import png, write_atomic, write_parquet
 from darwin.search import Search, heuristic_fitness
@@ -29,7 +30,6 @@ from darwin.stats import mcnemar
 
 if TYPE_CHECKING:
     from darwin.config import RunConfig
-    from darwin.fitness import FitnessRecord
 
 WORST_FITNESS = 0.0  # a genome whose merge or evaluation still fails after retries scores as the worst possible
 WORST_MARGIN = -1e3  # the same on Phase 1's measured proxy, a margin in log-likelihood per character
@@ -194,8 +194,6 @@ def heuristic_phase(state: PhaseState, steps: int, prescription: dict[str, float
     run whose Phase 1 is done returns at once (history.parquet already holds its rows)."""
     if state.search.generation >= steps:
         return state
-    from darwin.fitness import FitnessRecord
-
     while state.search.generation < steps:
         genomes = state.search.ask()
         scores = [heuristic_fitness(g, prescription) for g in genomes]

@@ -35,13 +35,14 @@ from pathlib import Path
 
 import yaml
 
+from darwin.merge import REPORT_NAME
 from darwin.quantize import SCHEMES
 
 ROLES = ("father", "mother", "child")
 # routed experts stored fused (3-D) are released per expert: the names vLLM loads quantized experts from
 PER_EXPERT = ("Routed experts stored fused in the child (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are "
               "released per expert (`mlp.experts.N.gate_proj` / `up_proj` / `down_proj`), each with its own scales.")
-REPORTS = ("summary.json", "history.parquet", "evolution.png", "mri", "probes", "health", "merge_report.json")
+REPORTS = ("summary.json", "history.parquet", "evolution.png", "mri", "probes", "health", REPORT_NAME)
 
 
 def _number(value) -> str:
@@ -287,7 +288,7 @@ def run_info_from_dir(path: str | Path, release: str | Path | None = None) -> di
     is_run = (root / "best").is_dir()
     child = root / "best" if is_run else root
     summary = _load_json(root / "summary.json")
-    merge = _load_json(child / "merge_report.json")
+    merge = _load_json(child / REPORT_NAME)
     config = (yaml.safe_load((root / "config.yaml").read_text()) or {}) if (root / "config.yaml").is_file() else {}
     parents = merge.get("parents") or {}
     architectures = _load_json(child / "config.json").get("architectures") or [None]

@@ -18,7 +18,7 @@ import argparse
 import json
 
 from darwin.genome import Genome
-from darwin.merge import METHODS, merge_to_dir
+from darwin.merge import METHODS, REPORT_NAME, merge_to_dir
 from darwin.parents import Parents
 from darwin.progress import Tracker
 from darwin.runtime import pick_device
@@ -53,7 +53,7 @@ def command(args: argparse.Namespace) -> int:
     with Tracker("merge", unit="B") as progress:
         out = merge_to_dir(plan, args.out, device=pick_device(args.device), overwrite=args.overwrite,
                            progress=progress)
-    report = json.loads((out / "merge_report.json").read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     rows = report["tensors"].values()
     transplants = sum(1 for row in rows if row.get("transplant"))
     carried = {role: sum(1 for row in rows if row.get("carried") == role) for role in ("father", "mother")}

@@ -6,23 +6,20 @@ merges (all threads), then merges tensor by tensor into recycled output memory w
 tensor. The same genome gives the same bytes on any device, worker or order.
 """
 
-from darwin.merge.engine import merge_tensor, merged_tensors
+from darwin.merge.engine import merged_tensors
 from darwin.merge.into_model import merge_into_model
 from darwin.merge.methods import METHODS, Method
-from darwin.merge.plan import MergePlan, TensorPlan, plan_merge
-from darwin.merge.to_disk import REPORT_NAME, existing_merge, merge_to_dir, report
+from darwin.merge.plan import MergePlan, plan_merge
+from darwin.merge.to_disk import REPORT_NAME, existing_merge, merge_to_dir
 
 __all__ = [
     "METHODS",
     "REPORT_NAME",
     "MergePlan",
     "Method",
-    "TensorPlan",
     "existing_merge",
     "merge_into_model",
-    "merge_tensor",
     "merge_to_dir",
     "merged_tensors",
     "plan_merge",
-    "report",
 ]
